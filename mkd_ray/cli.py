@@ -1,0 +1,95 @@
+"""Command line: parses arguments, loads and validates the config, calls one layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mkd_ray.config import ConfigError, SynthConfig, load_config
+from mkd_ray.data.io import DatasetError
+
+DEFAULT_PIPELINE = "pipelines/synthetic.yaml"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="pipeline YAML (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set method.ema_decay=0.999 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description="Semi-supervised segmentation with Mutual Knowledge Distillation")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one configuration")
+    _add_config_args(train)
+    train.add_argument("--local", action="store_true", help="single-process loop, no Ray")
+    train.add_argument("--summary", type=Path, help="write final metrics as JSON here")
+
+    data = commands.add_parser("data", help="dataset tools")
+    tools = data.add_subparsers(dest="tool", required=True)
+    synth = tools.add_parser("synth", help="write the synthetic dataset (VOC layout + split lists)")
+    synth.add_argument("--out", type=Path, default=Path("data/synthetic"))
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--num-train", type=int, default=SynthConfig.num_train)
+    synth.add_argument("--num-val", type=int, default=SynthConfig.num_val)
+    synth.add_argument("--image-size", type=int, default=SynthConfig.image_size)
+
+    splits = tools.add_parser("splits", help="write seeded labeled/unlabeled split lists")
+    splits.add_argument("--dataset", choices=["voc", "cityscapes", "folder"], required=True)
+    splits.add_argument("--root", type=Path, required=True, help="dataset root")
+    splits.add_argument("--list", type=Path, help="folder datasets: a '<image> <mask>' list of all training samples")
+    splits.add_argument("--val-list", type=Path, help="folder datasets: the validation list")
+    splits.add_argument("--labeled", nargs="+", required=True, help="fractions like 1_16 or counts like 92")
+    splits.add_argument("--out", type=Path, help="output folder (default <root>/splits)")
+    splits.add_argument("--seed", type=int, default=0)
+    splits.add_argument("--aug", action="store_true", help="VOC: train_aug set with SegmentationClassAug masks")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from mkd_ray.engine import train_local
+
+    cfg = load_config(args.pipeline, args.overrides)
+    result = train_local(cfg)
+    print(f"final val mIoU {result['val/miou']:.2f}  ({result['seconds']:.0f} s, {result['seconds_per_iter']:.3f} s/iter)")
+    if args.summary:
+        summary = {k: result[k] for k in ("val/miou", "val/iou", "seconds", "seconds_per_iter", "step")}
+        args.summary.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from mkd_ray.data import io, splits, synthetic
+
+    if args.tool == "synth":
+        cfg = SynthConfig(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
+        info = synthetic.generate(args.out, cfg)
+        print(f"wrote {cfg.num_train} train + {cfg.num_val} val images to {args.out} in {info['seconds']} s")
+        return 0
+    out = args.out or args.root / "splits"
+    if args.dataset == "voc":
+        train = io.voc_samples(args.root, "train_aug" if args.aug else "train", aug_masks=args.aug)
+        val = io.voc_samples(args.root, "val")
+    elif args.dataset == "cityscapes":
+        train, val = io.cityscapes_samples(args.root, "train"), io.cityscapes_samples(args.root, "val")
+    else:
+        if args.list is None or args.val_list is None:
+            raise DatasetError("folder datasets need --list and --val-list")
+        train, val = io.read_split_file(args.list, args.root), io.read_split_file(args.val_list, args.root)
+    io.write_split_file(out / "val.txt", val, args.root)
+    for folder in splits.write_splits(train, args.labeled, out, args.root, seed=args.seed):
+        print(f"wrote {folder}/labeled.txt and unlabeled.txt")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "data": cmd_data}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,434 @@
+"""Typed experiment configuration: YAML + dotted overrides, validated once at the door.
+
+Every section is a dataclass. `load_config` reads a pipeline YAML, applies `--set a.b=c`
+overrides and builds the dataclasses, checking names, types and ranges on the way, so a
+typo or an out-of-range value fails with the dotted field name before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the dotted field and what is valid."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SynthConfig:
+    """The embedded synthetic dataset (see mkd_ray/data/synthetic.py)."""
+
+    num_train: int = field(default=1024, metadata=_range(16))
+    num_val: int = field(default=256, metadata=_range(1))
+    image_size: int = field(default=32, metadata=_range(16))
+    seed: int = 0
+    splits: list[str] = field(default_factory=lambda: ["1_32", "1_16", "1_8", "1_4"])
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "voc", "cityscapes", "folder"] = "synthetic"
+    root: str = "data/synthetic"
+    # A split name under `splits_dir`, or a folder holding labeled.txt / unlabeled.txt.
+    split: str = "1_16"
+    # Folder of split folders and val.txt; default <root>/splits.
+    splits_dir: Optional[str] = None
+    num_classes: int = field(default=5, metadata=_range(2))
+    class_names: Optional[list[str]] = None
+    ignore_index: int = 255
+    crop_size: int = field(default=32, metadata=_range(8))
+    labeled_batch_size: int = field(default=8, metadata=_range(1))
+    unlabeled_batch_size: int = field(default=8, metadata=_range(1))
+    val_batch_size: int = field(default=16, metadata=_range(1))
+    # Per-channel normalisation of images scaled to [0, 1] (ImageNet by default).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class CutMixConfig:
+    prob: float = field(default=1.0, metadata=_range(0, 1))
+    num_boxes: int = field(default=3, metadata=_range(1, 16))
+    # Total fraction of the crop that the boxes cover, sampled uniformly in this range.
+    area: tuple[float, float] = (0.25, 0.5)
+
+
+@dataclass
+class AugmentConfig:
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    # Mild photometric distortion on the weak view too.
+    weak_photometric: bool = False
+    # Strong photometric set: "reference" (one of five ops), "unimatch" (jitter/gray/blur),
+    # "mild" (brightness/contrast + noise), "none".
+    strong: Literal["reference", "unimatch", "mild", "none"] = "reference"
+    cutmix: CutMixConfig = field(default_factory=CutMixConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal[
+        "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "mobilenet_v3_small"
+    ] = "resnet18"
+    # Channel multiplier; only for the small backbones (resnet18/34, mobilenets).
+    width: float = field(default=1.0, metadata=_range(0.0625, 4, lo_open=False))
+    output_stride: Literal[8, 16, 32] = 16
+    aspp_channels: int = field(default=256, metadata=_range(8))
+    aspp_rates: tuple[int, int, int] = (6, 12, 18)
+    low_level_channels: int = field(default=48, metadata=_range(4))
+    decoder_channels: int = field(default=256, metadata=_range(8))
+    # None (random init), "imagenet" (torchvision weights API) or a path to a state dict.
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["mkd", "supervised", "mean_teacher", "cps"] = "mkd"
+    ema_decay: float = field(default=0.99, metadata=_range(0, 1, hi_open=True))
+    # What happens to BatchNorm running statistics at the teacher update.
+    bn_buffers: Literal["ema", "copy", "none"] = "ema"
+    tau_t: float = field(default=0.95, metadata=_range(0, 1))
+    tau_s: float = field(default=0.0, metadata=_range(0, 1))
+    # "fixed" uses tau_t for every class; "class_adaptive" scales it per class by how
+    # often the class is confidently predicted (FlexMatch-style), never below the floor.
+    threshold_mode: Literal["fixed", "class_adaptive"] = "fixed"
+    adaptive_floor: float = field(default=0.5, metadata=_range(0, 1))
+    # "passed": mean over pixels above threshold (reference); "valid": mean over all
+    # valid pixels, so the loss shrinks when few pass (UniMatch).
+    loss_norm: Literal["passed", "valid"] = "passed"
+    lambda_st: float = field(default=1.5, metadata=_range(0))
+    lambda_ss: float = field(default=1.0, metadata=_range(0))
+    # Distillation terms also over the labeled images (the reference does this).
+    distill_labeled: bool = False
+    feature_aug: Literal["isda", "dropout", "none"] = "isda"
+    lam_max: float = field(default=1.5, metadata=_range(0))
+    isda_teachers: bool = True
+    fp_dropout: float = field(default=0.5, metadata=_range(0, 1, hi_open=True))
+    # Sigmoid ramp-up of lambda_st / lambda_ss over the first iterations (0 = off).
+    rampup_iters: int = field(default=0, metadata=_range(0))
+
+
+@dataclass
+class TrainConfig:
+    iters: int = field(default=3000, metadata=_range(1))
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = field(default=0.01, metadata=_range(0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    weight_decay: float = field(default=1e-4, metadata=_range(0))
+    poly_power: float = field(default=0.9, metadata=_range(0))
+    # Learning-rate multiplier for the decoder (the paper's x10 on the head).
+    head_lr_mult: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    eval_interval: int = field(default=500, metadata=_range(1))
+    checkpoint_interval: int = field(default=500, metadata=_range(0))
+    log_interval: int = field(default=50, metadata=_range(1))
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast: bf16 on CPU or GPU, fp16 (with a grad scaler) on GPU only.
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    # Torch intra-op threads in the training process (0 = torch's default).
+    threads: int = field(default=0, metadata=_range(0))
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "center", "sliding"] = "whole"
+    # student = S1 (the reference), teacher = T1, ensemble = mean softmax of S1 and S2.
+    model: Literal["student", "teacher", "ensemble"] = "student"
+    stride_ratio: float = field(default=2 / 3, metadata=_range(0, 1, lo_open=True))
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = field(default=1, metadata=_range(0))
+    cpus_per_worker: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    use_gpu: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "mkd"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. for MLflow params."""
+        return flatten(self.to_dict())
+
+    @property
+    def splits_dir(self) -> Path:
+        return Path(self.data.splits_dir) if self.data.splits_dir else Path(self.data.root) / "splits"
+
+    @property
+    def split_dir(self) -> Path:
+        split = Path(self.data.split)
+        if (split / "labeled.txt").is_file():
+            return split
+        return self.splits_dir / self.data.split
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _to_plain(value):
+    if isinstance(value, Override):
+        return value
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if origin is tuple and Ellipsis not in args:
+            return f"a list of {len(args)} {_describe(args[0])} values"
+        return f"a list of {_describe(args[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+@dataclass(frozen=True)
+class Override:
+    """A --set value: the text as typed and its YAML reading. String fields take the text,
+    so `data.split=1_16` stays "1_16" (YAML 1.1 would read the integer 116)."""
+
+    text: str
+    parsed: Any
+
+
+def _wants_text(tp) -> bool:
+    if tp is str:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return all(isinstance(c, str) for c in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return any(_wants_text(a) for a in typing.get_args(tp))
+    return False
+
+
+def _coerce(value, tp, path: str):
+    """Check `value` against the annotation `tp`; return it in canonical form."""
+    if isinstance(value, Override):
+        value = value.text.strip() if _wants_text(tp) and isinstance(value.parsed, (int, float, str)) else value.parsed
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise ConfigError(path, f"got {value!r}; expected {_describe(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"got {value!r}; expected {_describe(tp)}")
+        args = typing.get_args(tp)
+        if origin is tuple and Ellipsis not in args:
+            if len(value) != len(args):
+                raise ConfigError(path, f"got {len(value)} values; expected {_describe(tp)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(path, f"got the number {value!r}; expected a string (quote it in YAML: '1_16' unquoted reads as 116)")
+    raise ConfigError(path, f"got {value!r} ({type(value).__name__}); expected {_describe(tp)}")
+
+
+def _check_range(value, spec, path: str) -> None:
+    lo, hi, lo_open, hi_open = spec
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else lo
+        hi_s = "inf" if hi is None else hi
+        raise ConfigError(path, f"got {value!r}; expected a value in {left}{lo_s}, {hi_s}{right}")
+
+
+def unknown_key_error(key: str, known, path: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
+    return ConfigError(path, f"unknown key {key!r}{hint}")
+
+
+def _build(cls, data, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise unknown_key_error(str(key), fields, f"{path}.{key}" if path else str(key))
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        sub = f"{path}.{name}" if path else name
+        value = _coerce(data[name], hints[name], sub)
+        if "range" in f.metadata and value is not None:
+            _check_range(value, f.metadata["range"], sub)
+        values[name] = value
+    return cls(**values)
+
+
+def _check_pair(pair, path: str, lo: float, hi: float) -> None:
+    a, b = pair
+    if not (lo <= a <= b <= hi):
+        raise ConfigError(path, f"got {list(pair)}; expected [min, max] with {lo} <= min <= max <= {hi}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Checks that involve more than one field."""
+    d, m = cfg.data, cfg.model
+    _check_pair(cfg.augment.scale_range, "augment.scale_range", 0.05, 10.0)
+    _check_pair(cfg.augment.cutmix.area, "augment.cutmix.area", 0.0, 1.0)
+    if d.class_names is not None and len(d.class_names) != d.num_classes:
+        raise ConfigError(
+            "data.class_names", f"has {len(d.class_names)} names; expected data.num_classes={d.num_classes}"
+        )
+    if 0 <= d.ignore_index < d.num_classes:
+        raise ConfigError("data.ignore_index", f"{d.ignore_index} collides with a class id (0..{d.num_classes - 1})")
+    if m.width != 1.0 and m.backbone in ("resnet50", "resnet101"):
+        raise ConfigError("model.width", "a width multiplier is only available for resnet18/34 and the mobilenets")
+    if any(r < 1 for r in m.aspp_rates):
+        raise ConfigError("model.aspp_rates", f"got {list(m.aspp_rates)}; dilation rates must be >= 1")
+    if m.backbone.startswith("mobilenet") and m.output_stride == 8:
+        raise ConfigError("model.output_stride", "mobilenet backbones support output stride 16 or 32")
+    if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu and cfg.train.device != "cuda":
+        raise ConfigError("train.amp", "fp16 autocast needs a GPU; use 'bf16' on the CPU")
+    if cfg.train.device == "cuda" and not cfg.scaling.use_gpu and cfg.scaling.num_workers > 0:
+        raise ConfigError("train.device", "device 'cuda' under Ray needs scaling.use_gpu=true")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", parsed value); values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(text, "an override must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from None
+    return key, Override(raw, value)
+
+
+def apply_overrides(tree: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Set dotted keys in a nested dict (in place); intermediate mappings are created."""
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in items:
+        node = tree
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is {nxt!r}, not a section; cannot set {key}")
+            node = nxt
+        node[parts[-1]] = value
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must hold a mapping at the top level")
+    return data
+
+
+def config_from_dict(tree: dict, overrides: list[str] | dict[str, Any] = ()) -> ExperimentConfig:
+    tree = apply_overrides(_to_plain(tree), overrides)
+    return validate(_build(ExperimentConfig, tree, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> ExperimentConfig:
+    """Pipeline YAML (or the defaults) + dotted overrides -> validated config."""
+    tree = read_yaml(path) if path is not None else {}
+    return config_from_dict(tree, overrides)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,102 @@
+"""Map-style torch datasets over the augmentation functions, for single-process training.
+
+Samplers yield (epoch, index) keys, and each sample's randomness is derived from
+(seed, epoch, index), so the views do not depend on worker count or iteration order.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mkd_ray.config import ExperimentConfig
+from mkd_ray.data.augment import labeled_views, sample_rng, unlabeled_views
+from mkd_ray.data.io import SampleRef, load_image, load_mask
+
+
+class EndlessSampler(Sampler):
+    """Seeded reshuffle every epoch, forever: yields (epoch, index)."""
+
+    def __init__(self, size: int, seed: int, start_epoch: int = 0):
+        self.size, self.seed, self.start_epoch = size, seed, start_epoch
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a number
+        return 2**62
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.start_epoch
+        while True:
+            for index in np.random.default_rng([self.seed, epoch]).permutation(self.size):
+                yield epoch, int(index)
+            epoch += 1
+
+
+class TrainSet(Dataset):
+    def __init__(self, refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool):
+        self.refs, self.cfg, self.labeled = refs, cfg, labeled
+        self.stream = 0 if labeled else 1
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+        epoch, index = key
+        ref, d = self.refs[index], self.cfg.data
+        rng = sample_rng(self.cfg.train.seed, epoch, index, self.stream)
+        image = load_image(ref.image)
+        if self.labeled:
+            mask = load_mask(ref.mask, d.num_classes, d.ignore_index)
+            return labeled_views(image, mask, d.crop_size, self.cfg.augment, rng, d.ignore_index)
+        mask = load_mask(ref.mask, d.num_classes, d.ignore_index) if ref.mask is not None else None
+        return unlabeled_views(image, mask, d.crop_size, self.cfg.augment, rng, d.ignore_index)
+
+
+class EvalSet(Dataset):
+    """Validation images at their original size, with their masks and names."""
+
+    def __init__(self, refs: list[SampleRef], cfg: ExperimentConfig):
+        self.refs, self.cfg = refs, cfg
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> dict:
+        ref, d = self.refs[index], self.cfg.data
+        image = load_image(ref.image)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+            "mask": torch.from_numpy(load_mask(ref.mask, d.num_classes, d.ignore_index)),
+            "name": ref.name,
+        }
+
+
+def endless_loader(refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool, batch_size: int, workers: int = 0):
+    dataset = TrainSet(refs, cfg, labeled)
+    sampler = EndlessSampler(len(refs), cfg.train.seed * 2 + (0 if labeled else 1))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                      persistent_workers=workers > 0)
+
+
+def eval_batches(refs: list[SampleRef], cfg: ExperimentConfig, batch_size: int) -> Iterator[dict]:
+    """Batches of consecutive same-size validation images (VOC sizes vary; synthetic ones do not)."""
+    dataset = EvalSet(refs, cfg)
+    pending: list[dict] = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if pending and (len(pending) == batch_size or sample["image"].shape != pending[0]["image"].shape):
+            yield _stack(pending)
+            pending = []
+        pending.append(sample)
+    if pending:
+        yield _stack(pending)
+
+
+def _stack(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "name": [s["name"] for s in samples],
+    }

@@ -1,0 +1,164 @@
+"""The single-process training loop: the method core driven without Ray.
+
+`train_local` is what `python run.py train --local` runs and what tests and the
+framework-overhead benchmark compare Ray Train against; the distributed loop reuses
+`build_method`, `to_batch`, `run_evaluation` and `ProgressMeter` from here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from mkd_ray.config import ExperimentConfig
+from mkd_ray.data.sources import ExperimentData, ensure_synthetic, resolve_data
+from mkd_ray.data.torch_data import endless_loader, eval_batches
+from mkd_ray.evaluate import evaluate, normalize
+from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
+from mkd_ray.metrics import MeanIoU
+from mkd_ray.models import build_model
+
+
+def resolve_device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and cfg.scaling.use_gpu and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_method(cfg: ExperimentConfig) -> MutualKD:
+    def make_model(branch: int):
+        return build_model(cfg.model, cfg.data.num_classes, seed=cfg.train.seed * 1000 + branch)
+
+    return MutualKD(cfg.method, make_model, cfg.data.num_classes, cfg.train.iters, cfg.data.ignore_index)
+
+
+def to_batch(labeled: dict, unlabeled: Optional[dict], cfg: ExperimentConfig, device: torch.device) -> Batch:
+    """Collated uint8/bool tensors -> a normalised Batch on `device`."""
+    mean, std = cfg.data.mean, cfg.data.std
+    x_l = normalize(labeled["image"].to(device, non_blocking=True), mean, std)
+    y_l = labeled["mask"].to(device, non_blocking=True).long()
+    if unlabeled is None:
+        return Batch.labeled_only(x_l, y_l)
+    return Batch(
+        x_l=x_l,
+        y_l=y_l,
+        x_w=normalize(unlabeled["weak"].to(device, non_blocking=True), mean, std),
+        x_s=normalize(unlabeled["strong"].to(device, non_blocking=True), mean, std),
+        ignore_u=unlabeled["ignore"].to(device, non_blocking=True),
+        cutmix=unlabeled["cutmix"].to(device, non_blocking=True),
+        y_u=unlabeled["mask"].to(device, non_blocking=True).long(),
+    )
+
+
+def run_evaluation(method: MutualKD, cfg: ExperimentConfig, batches, device, on_prediction=None) -> MeanIoU:
+    method.eval()
+    try:
+        return evaluate(
+            method.predictor(cfg.eval.model),
+            batches,
+            cfg.data.num_classes,
+            cfg.data.mean,
+            cfg.data.std,
+            mode=cfg.eval.mode,
+            crop=cfg.data.crop_size,
+            stride_ratio=cfg.eval.stride_ratio,
+            ignore_index=cfg.data.ignore_index,
+            device=device,
+            on_prediction=on_prediction,
+        )
+    finally:
+        method.train()
+
+
+@dataclass
+class ProgressMeter:
+    """Images/s, ETA and averaged step metrics between log lines; .item() only here."""
+
+    total_iters: int
+    images_per_step: int
+    start_step: int = 0
+    _t0: float = field(default_factory=time.perf_counter)
+    _last_t: float = field(default_factory=time.perf_counter)
+    _last_step: int = 0
+    _sums: dict = field(default_factory=dict)
+    _n: int = 0
+
+    def __post_init__(self):
+        self._last_step = self.start_step
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value.detach()
+        self._n += 1
+
+    def summary(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        rate = steps / max(now - self._last_t, 1e-9)
+        out = {k: float(v) / max(self._n, 1) for k, v in self._sums.items()}
+        out["images_per_s"] = rate * self.images_per_step
+        out["seconds_per_iter"] = 1.0 / rate
+        out["eta_s"] = (self.total_iters - step) / rate
+        self._sums, self._n, self._last_t, self._last_step = {}, 0, now, step
+        return out
+
+    @staticmethod
+    def line(step: int, total: int, values: dict[str, float]) -> str:
+        keys = ("loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio")
+        parts = [f"{k}={values[k]:.3f}" for k in keys if k in values]
+        return (
+            f"step {step}/{total}  " + "  ".join(parts)
+            + f"  {values['images_per_s']:.1f} img/s  eta {values['eta_s'] / 60:.1f} min"
+        )
+
+
+def train_local(
+    cfg: ExperimentConfig,
+    log: Callable[[str], None] = print,
+    on_metrics: Optional[Callable[[int, dict[str, float]], None]] = None,
+    data: Optional[ExperimentData] = None,
+) -> dict:
+    """Train in this process; returns final validation metrics and timing."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    ensure_synthetic(cfg, log)
+    data = data or resolve_data(cfg)
+    device = resolve_device(cfg)
+    method = build_method(cfg).to(device)
+    if cfg.train.channels_last:
+        method.to(memory_format=torch.channels_last)
+    method.train()
+    optimizer, scheduler = build_optimizer(method, cfg.train)
+    scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
+    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size))
+    unlabeled = iter(endless_loader(data.unlabeled, cfg, False, cfg.data.unlabeled_batch_size)) if method.uses_unlabeled else None
+    images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
+    meter = ProgressMeter(cfg.train.iters, images_per_step)
+    history: list[dict] = []
+    result: dict = {}
+    start = time.perf_counter()
+    for step in range(1, cfg.train.iters + 1):
+        batch = to_batch(next(labeled), next(unlabeled) if unlabeled else None, cfg, device)
+        out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
+        meter.add(out.metrics)
+        if step % cfg.train.log_interval == 0 or step == cfg.train.iters:
+            values = meter.summary(step)
+            log(ProgressMeter.line(step, cfg.train.iters, values))
+            history.append({"step": step, **values})
+            if on_metrics:
+                on_metrics(step, {f"train/{k}": v for k, v in values.items()})
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
+            meter_iou = run_evaluation(method, cfg, eval_batches(data.val, cfg, cfg.data.val_batch_size), device)
+            result = {"val/miou": meter_iou.miou(), "val/iou": meter_iou.per_class(), "step": step}
+            log(f"step {step}: val mIoU {result['val/miou']:.2f}")
+            if on_metrics:
+                on_metrics(step, {"val/miou": result["val/miou"]})
+    result["seconds"] = time.perf_counter() - start
+    result["seconds_per_iter"] = result["seconds"] / cfg.train.iters
+    result["history"] = history
+    result["method"] = method
+    return result

@@ -1,0 +1,62 @@
+"""Implicit semantic data augmentation (Wang et al., 2019) on segmentation features.
+
+Each network keeps a running per-class mean and diagonal covariance of the features that
+feed its 1x1 classifier. For a pixel whose (pseudo-)label is y the logits become
+    z_j + 0.5 * lam * sum_a (w_ja - w_ya)^2 * sigma^2_ya,
+the closed-form upper bound of the expected cross-entropy over Gaussian feature
+perturbations along the class's directions of variation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClassFeatureStats(nn.Module):
+    """Online per-class mean / diagonal variance of D-dimensional features (C x D)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_classes, dim))
+        self.register_buffer("var", torch.zeros(num_classes, dim))
+        self.register_buffer("count", torch.zeros(num_classes))
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> None:
+        """features (B, D, h, w), labels (B, H, W) at any resolution (resized by nearest)."""
+        if labels.shape[-2:] != features.shape[-2:]:
+            labels = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long()
+        feats = features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        labels = labels.reshape(-1)
+        keep = labels != ignore_index
+        feats, labels = feats[keep], labels[keep]
+        num_classes = self.mean.shape[0]
+        onehot = F.one_hot(labels, num_classes).to(feats.dtype)  # (N, C)
+        n_new = onehot.sum(0)  # (C,)
+        sums = onehot.t() @ feats  # (C, D)
+        sq_sums = onehot.t() @ (feats * feats)
+        safe = n_new.clamp(min=1)[:, None]
+        batch_mean = sums / safe
+        batch_var = sq_sums / safe - batch_mean**2
+        # Merge two populations: weights by counts; the mean shift adds to the variance.
+        w = (n_new / (self.count + n_new).clamp(min=1))[:, None]
+        delta = batch_mean - self.mean
+        self.var.mul_(1 - w).add_(w * batch_var + w * (1 - w) * delta**2)
+        self.mean.add_(w * delta)
+        self.count.add_(n_new)
+
+    def logit_offsets(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
+        """(C, C) matrix A with A[y, j] = 0.5 lam sum_a (w_ja - w_ya)^2 sigma^2_ya."""
+        weight = weight.reshape(weight.shape[0], -1).float()  # (C, D) from a 1x1 conv
+        diff = weight[None, :, :] - weight[:, None, :]  # [y, j, a] = w_ja - w_ya
+        return 0.5 * lam * (diff**2 * self.var[:, None, :]).sum(-1)
+
+
+def augment_logits(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Add the row offsets[y] to the logits of every pixel labelled y; ignored pixels unchanged."""
+    valid = labels != ignore_index
+    rows = offsets[labels.clamp(0, offsets.shape[0] - 1)]  # (B, H, W, C)
+    rows = rows * valid[..., None].to(rows.dtype)
+    return logits + rows.permute(0, 3, 1, 2).to(logits.dtype)

@@ -1,0 +1,48 @@
+"""Loss pieces: thresholded cross-entropy, pseudo-labels, ramps. Pure tensor functions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, label) per pixel: max softmax and argmax over the class dimension."""
+    conf, label = logits.detach().float().softmax(dim=1).max(dim=1)
+    return conf, label
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, norm: str = "passed"
+) -> torch.Tensor:
+    """Cross-entropy over the pixels in `keep`.
+
+    norm="passed": mean over the kept pixels (the reference marks the rest as ignore);
+    norm="valid":  sum over kept pixels / number of valid pixels (UniMatch), which shrinks
+    the loss when few pixels pass the threshold.
+    """
+    per_pixel = F.cross_entropy(logits.float(), target.clamp(min=0, max=logits.shape[1] - 1), reduction="none")
+    kept = keep.to(per_pixel.dtype)
+    denom = kept.sum() if norm == "passed" else valid.to(per_pixel.dtype).sum()
+    return (per_pixel * kept).sum() / denom.clamp(min=1.0)
+
+
+def supervised_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    valid = target != ignore_index
+    return masked_cross_entropy(logits, target, valid, valid, "passed")
+
+
+def sigmoid_rampup(step: int, rampup_iters: int) -> float:
+    """exp(-5 (1 - t)^2), the usual mean-teacher ramp; 1 once t >= 1 or with no ramp."""
+    if rampup_iters <= 0 or step >= rampup_iters:
+        return 1.0
+    t = max(step, 0) / rampup_iters
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def cosine_rampup(step: int, total_iters: int, maximum: float) -> float:
+    """0 -> maximum along half a cosine over the whole run (ISDA's lambda schedule)."""
+    t = min(max(step / max(total_iters, 1), 0.0), 1.0)
+    return maximum * 0.5 * (1.0 - math.cos(math.pi * t))

@@ -1,0 +1,313 @@
+"""Mutual Knowledge Distillation and its baselines as one PyTorch module.
+
+`MutualKD` holds the students, their mean teachers and the per-network state (feature
+statistics for ISDA, class-adaptive thresholds). `compute_losses` is the one step
+function: batches in, total loss and diagnostics out. The baselines are the same code
+with fewer networks:
+
+    method        students  teachers  pseudo-labeller of student i
+    supervised    1         0         -
+    mean_teacher  1         1         its own teacher T_i
+    cps           2         0         the other student (L_ss only)
+    mkd           2         2         the OTHER branch's teacher T_(1-i), plus L_ss
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from mkd_ray.config import MethodConfig
+from mkd_ray.method.ema import ema_decay_at, ema_update
+from mkd_ray.method.isda import ClassFeatureStats, augment_logits
+from mkd_ray.method.losses import (
+    cosine_rampup,
+    masked_cross_entropy,
+    pseudo_labels,
+    sigmoid_rampup,
+    supervised_cross_entropy,
+)
+from mkd_ray.method.selection import KnowledgeSelector
+
+ModelFactory = Callable[[int], nn.Module]
+
+_LAYOUT = {  # name -> (students, teachers, crossed teachers)
+    "supervised": (1, 0, False),
+    "mean_teacher": (1, 1, False),
+    "cps": (2, 0, False),
+    "mkd": (2, 2, True),
+}
+
+
+@dataclass
+class Batch:
+    """One training step's inputs, already normalised floats on the training device.
+
+    x_l, y_l: labeled images (B_l, 3, H, W) and masks (B_l, H, W), 255 = ignore.
+    x_w, x_s: weak and strong views of the unlabeled images (same geometry).
+    ignore_u: True where the unlabeled crop is padding.
+    cutmix:   True where a pixel of the strong view is pasted from the partner image
+              (the next image of the batch, cyclically).
+    y_u:      ground truth of the unlabeled images if known (255 elsewhere); used only
+              for the pseudo-label accuracy diagnostic.
+    """
+
+    x_l: torch.Tensor
+    y_l: torch.Tensor
+    x_w: torch.Tensor
+    x_s: torch.Tensor
+    ignore_u: torch.Tensor
+    cutmix: torch.Tensor
+    y_u: Optional[torch.Tensor] = None
+
+    @classmethod
+    def labeled_only(cls, x_l: torch.Tensor, y_l: torch.Tensor) -> "Batch":
+        """For the supervised baseline, which never reads unlabeled images."""
+        empty = x_l[:0]
+        no_pixels = y_l[:0].bool()
+        return cls(x_l, y_l, empty, empty, no_pixels, no_pixels, None)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        moved = {k: (v.to(device, non_blocking=non_blocking) if v is not None else None) for k, v in vars(self).items()}
+        return Batch(**moved)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]  # detached scalars; .item() only when logging
+
+
+def _mix(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """CutMix: take pixels under `mask` (B, H, W) from the partner image (batch rolled by one)."""
+    partner = x.roll(1, dims=0)
+    m = mask if x.dim() == mask.dim() else mask[:, None]
+    return torch.where(m, partner, x)
+
+
+class MutualKD(nn.Module):
+    def __init__(
+        self,
+        cfg: MethodConfig,
+        make_model: ModelFactory,
+        num_classes: int,
+        total_iters: int,
+        ignore_index: int = 255,
+        feature_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        self.cfg, self.num_classes, self.total_iters, self.ignore_index = cfg, num_classes, total_iters, ignore_index
+        n_students, n_teachers, self.crossed = _LAYOUT[cfg.name]
+        # Distinct seeds: the two branches must start from different random weights.
+        self.students = nn.ModuleList(make_model(i) for i in range(n_students))
+        self.teachers = nn.ModuleList(copy.deepcopy(s) for s in self.students[:n_teachers])
+        for teacher in self.teachers:
+            teacher.requires_grad_(False)
+        self.use_isda = cfg.feature_aug == "isda"
+        dim = feature_dim or self.students[0].classifier.in_channels
+        n_stats = n_students + (n_teachers if cfg.isda_teachers else 0)
+        self.feature_stats = nn.ModuleList(ClassFeatureStats(num_classes, dim) for _ in range(n_stats if self.use_isda else 0))
+        self.selectors = nn.ModuleList(
+            KnowledgeSelector(num_classes, cfg.tau_t, cfg.threshold_mode, cfg.adaptive_floor) for _ in range(max(n_teachers, 1))
+        )
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self._student_calls: list[nn.Module] = list(self.students)
+        # The supervised baseline never looks at unlabeled images.
+        self.uses_unlabeled = n_students + n_teachers > 1
+
+    # ------------------------------------------------------------------ plumbing
+
+    def wrap_students(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the students' forward through wrappers (e.g. DistributedDataParallel)."""
+        self._student_calls = [wrap(s) for s in self.students]
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return [p for s in self.students for p in s.parameters()]
+
+    def train(self, mode: bool = True) -> "MutualKD":
+        super().train(mode)
+        for teacher in self.teachers:
+            teacher.eval()  # no dropout in pseudo-labels
+            if mode and self.cfg.bn_buffers == "none":  # no EMA'd statistics: normalise by the batch
+                for m in teacher.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
+        return self
+
+    @torch.no_grad()
+    def update_teachers(self) -> None:
+        decay = ema_decay_at(int(self.iteration), self.cfg.ema_decay)
+        for teacher, student in zip(self.teachers, self.students):
+            ema_update(teacher, student, decay, self.cfg.bn_buffers)
+
+    def unsup_weight(self) -> float:
+        return sigmoid_rampup(int(self.iteration), self.cfg.rampup_iters)
+
+    def isda_strength(self) -> float:
+        return cosine_rampup(int(self.iteration), self.total_iters, self.cfg.lam_max) if self.use_isda else 0.0
+
+    # ------------------------------------------------------------------ the step
+
+    def compute_losses(self, batch: Batch) -> StepOutput:
+        cfg, ignore = self.cfg, self.ignore_index
+        n_l = batch.x_l.shape[0]
+        if self.uses_unlabeled:
+            x_mix = _mix(batch.cutmix, batch.x_s)
+            valid_u = ~_mix(batch.cutmix, batch.ignore_u)
+        lam = self.isda_strength()
+        fp = cfg.fp_dropout if cfg.feature_aug == "dropout" else 0.0
+
+        # Teachers (no gradient): pseudo-labels on the weak view, mixed with the same boxes.
+        teacher_targets = [self._teacher_targets(i, batch, lam) for i in range(len(self.teachers))]
+
+        # Students: one forward each over labeled + mixed strong images.
+        inputs = torch.cat([batch.x_l, x_mix]) if self.uses_unlabeled else batch.x_l
+        outs = [call(inputs, fp_dropout=fp) for call in self._student_calls]
+        valid_all = torch.cat([batch.y_l != ignore, valid_u]) if self.uses_unlabeled else batch.y_l != ignore
+        # Pixels the distillation terms cover: the unlabeled part, or every image (reference).
+        distill = slice(0, None) if cfg.distill_labeled else slice(n_l, None)
+        valid_d = valid_all[distill]
+
+        # Pseudo-labeller of each student and which pixels pass knowledge selection.
+        st_targets, st_keep = [], []
+        for i in range(len(self.students)):
+            if not self.teachers:
+                break
+            t = 1 - i if self.crossed else i
+            conf, label = teacher_targets[t]
+            keep = self.selectors[t].select(conf, label, valid_d)
+            st_targets.append(label)
+            st_keep.append(keep)
+
+        # ISDA-augmented student logits, with gt on labeled pixels and the pseudo-label elsewhere.
+        logits = []
+        for i, out in enumerate(outs):
+            z = out["logits"]
+            if self.use_isda:
+                isda_target = self._isda_target(i, batch.y_l, outs, st_targets, valid_all, n_l)
+                self.feature_stats[i].update(out["features"], self._own_labels(batch.y_l, z, valid_all, n_l), ignore)
+                offsets = self.feature_stats[i].logit_offsets(self.students[i].classifier.weight, lam)
+                z = augment_logits(z, isda_target, offsets, ignore)
+            logits.append(z)
+
+        zero = batch.x_l.new_zeros(())
+        loss_sup = sum((supervised_cross_entropy(z[:n_l], batch.y_l, ignore) for z in logits), zero)
+
+        loss_st = zero
+        for i, (target, keep) in enumerate(zip(st_targets, st_keep)):
+            term = masked_cross_entropy(logits[i][distill], target, keep, valid_d, cfg.loss_norm)
+            if fp:
+                fp_term = masked_cross_entropy(outs[i]["logits_fp"][distill], target, keep, valid_d, cfg.loss_norm)
+                term = 0.5 * (term + fp_term)
+            loss_st = loss_st + term
+
+        loss_ss, ss_ratio = zero, zero
+        if len(self.students) == 2 and cfg.lambda_ss > 0:
+            for i in range(2):
+                conf, label = pseudo_labels(logits[1 - i][distill])
+                keep = valid_d & (conf >= cfg.tau_s)
+                loss_ss = loss_ss + masked_cross_entropy(logits[i][distill], label, keep, valid_d, cfg.loss_norm)
+                ss_ratio = ss_ratio + keep.sum() / valid_d.sum().clamp(min=1) / 2
+
+        ramp = self.unsup_weight()
+        loss = loss_sup + ramp * cfg.lambda_st * loss_st + ramp * cfg.lambda_ss * loss_ss
+
+        metrics = {
+            "loss": loss.detach(),
+            "loss_sup": loss_sup.detach(),
+            "loss_st": loss_st.detach(),
+            "loss_ss": loss_ss.detach(),
+            "unsup_weight": torch.tensor(ramp),
+            "isda_lambda": torch.tensor(lam),
+        }
+        metrics.update(self._pseudo_label_metrics(st_targets, st_keep, ss_ratio, batch, valid_d, n_l))
+        return StepOutput(loss, metrics)
+
+    # ------------------------------------------------------------------ helpers
+
+    @torch.no_grad()
+    def _teacher_targets(self, t: int, batch: Batch, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher t's (confidence, label) on the distilled images, CutMix-mixed on the unlabeled part."""
+        teacher = self.teachers[t]
+        inputs = torch.cat([batch.x_l, batch.x_w]) if self.cfg.distill_labeled else batch.x_w
+        out = teacher(inputs)
+        z = out["logits"]
+        if self.use_isda and self.cfg.isda_teachers:
+            stats = self.feature_stats[len(self.students) + t]
+            own = z.argmax(1)
+            if self.cfg.distill_labeled:
+                n_l = batch.x_l.shape[0]
+                own = torch.cat([batch.y_l, own[n_l:]])
+            own_valid = own.masked_fill(self._teacher_ignore(batch, own), self.ignore_index)
+            stats.update(out["features"], own_valid, self.ignore_index)
+            z = augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam), self.ignore_index)
+        conf, label = pseudo_labels(z)
+        if self.cfg.distill_labeled:
+            n_l = batch.x_l.shape[0]
+            conf = torch.cat([conf[:n_l], _mix(batch.cutmix, conf[n_l:])])
+            label = torch.cat([label[:n_l], _mix(batch.cutmix, label[n_l:])])
+        else:
+            conf, label = _mix(batch.cutmix, conf), _mix(batch.cutmix, label)
+        return conf, label
+
+    def _teacher_ignore(self, batch: Batch, own: torch.Tensor) -> torch.Tensor:
+        """Padding of the weak view (and ignore pixels of the labeled part) for teacher inputs."""
+        if self.cfg.distill_labeled:
+            return torch.cat([batch.y_l == self.ignore_index, batch.ignore_u])
+        return batch.ignore_u
+
+    def _isda_target(self, i, y_l, outs, st_targets, valid_all, n_l) -> torch.Tensor:
+        """The label each student pixel is augmented towards: gt, else its training target."""
+        if not self.uses_unlabeled:
+            return y_l
+        if st_targets:
+            unl = st_targets[i] if not self.cfg.distill_labeled else st_targets[i][n_l:]
+        elif len(outs) == 2:
+            unl = outs[1 - i]["logits"][n_l:].detach().argmax(1)
+        else:
+            unl = outs[i]["logits"][n_l:].detach().argmax(1)
+        target = torch.cat([y_l, unl])
+        return target.masked_fill(~valid_all, self.ignore_index)
+
+    def _own_labels(self, y_l, logits, valid_all, n_l) -> torch.Tensor:
+        """Labels for a student's feature statistics: gt on labeled pixels, its own argmax elsewhere."""
+        if not self.uses_unlabeled:
+            return y_l
+        own = torch.cat([y_l, logits[n_l:].detach().argmax(1)])
+        return own.masked_fill(~valid_all, self.ignore_index)
+
+    @torch.no_grad()
+    def _pseudo_label_metrics(self, targets, keeps, ss_ratio, batch, valid_d, n_l) -> dict[str, torch.Tensor]:
+        if not targets:
+            return {"mask_ratio": ss_ratio}
+        ratio = sum(k.sum() for k in keeps) / (valid_d.sum().clamp(min=1) * len(keeps))
+        out = {"mask_ratio": ratio}
+        if batch.y_u is not None:
+            y_u = _mix(batch.cutmix, batch.y_u)
+            if self.cfg.distill_labeled:
+                y_u = torch.cat([batch.y_l, y_u])
+            known = valid_d & (y_u != self.ignore_index)
+            correct = sum(((t == y_u) & known).sum() for t in targets)
+            correct_kept = sum(((t == y_u) & known & k).sum() for t, k in zip(targets, keeps))
+            kept = sum((known & k).sum() for k in keeps)
+            # NaN when the unlabeled images carry no ground truth.
+            out["pseudo_acc"] = correct / (known.sum() * len(targets))
+            out["pseudo_acc_kept"] = correct_kept / kept
+        return out
+
+    # ------------------------------------------------------------------ inference
+
+    def predictor(self, which: str = "student") -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> class probabilities (B, C, H, W) from S1, T1 or the mean of S1 and S2."""
+        if which == "teacher" and not self.teachers:
+            raise ValueError(f"eval.model='teacher' needs a method with teachers, not {self.cfg.name!r}")
+        nets = {"student": self.students[:1], "teacher": self.teachers[:1], "ensemble": self.students}[which]
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return sum(net(x)["logits"].float().softmax(1) for net in nets) / len(nets)
+
+        return predict

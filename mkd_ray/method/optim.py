@@ -1,0 +1,68 @@
+"""Optimizer, poly learning-rate schedule and the one-iteration update shared by every loop."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from mkd_ray.config import TrainConfig
+from mkd_ray.method.mkd import Batch, MutualKD, StepOutput
+
+
+def poly_lr_lambda(total_iters: int, power: float):
+    """LambdaLR factor (1 - t / T) ** power."""
+
+    def factor(step: int) -> float:
+        return max(1.0 - step / total_iters, 0.0) ** power
+
+    return factor
+
+
+def build_optimizer(method: MutualKD, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """One optimizer over both students; the decoder may get a larger learning rate."""
+    backbone, head = [], []
+    for student in method.students:
+        backbone += list(student.backbone_parameters())
+        head += list(student.head_parameters())
+    groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(cfg.iters, cfg.poly_power))
+    return optimizer, scheduler
+
+
+def autocast_context(amp: str, device: torch.device):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(
+    method: MutualKD,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: Batch,
+    amp: str = "off",
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> StepOutput:
+    """Teacher update, forward, backward and one optimizer step for both students."""
+    method.update_teachers()
+    with autocast_context(amp, batch.x_l.device):
+        out = method.compute_losses(batch)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        out.loss.backward()
+        optimizer.step()
+    scheduler.step()
+    method.iteration += 1
+    out.metrics["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+    return out

@@ -1,0 +1,177 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mkd_ray.config import AugmentConfig, CutMixConfig, SynthConfig, load_config
+from mkd_ray.data import io, splits, synthetic
+from mkd_ray.data.augment import cutmix_box_mask, labeled_views, sample_rng, strong_photometric, unlabeled_views
+from mkd_ray.data.sources import resolve_data
+
+
+def make_voc(root: Path, names: list[str], seed: int = 0) -> Path:
+    """A tiny VOC2012 tree in torchvision's layout: root/VOCdevkit/VOC2012."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        h, w = rng.integers(20, 40, size=2)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{name}.jpg")
+        mask = rng.integers(0, 21, (h, w)).astype(np.uint8)
+        mask[0] = 255
+        io.save_mask(mask, voc / "SegmentationClass" / f"{name}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(names[:-2]) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(names[-2:]) + "\n")
+    return voc
+
+
+def test_voc_reader_agrees_with_torchvision(tmp_path):
+    from torchvision.datasets import VOCSegmentation
+
+    names = [f"2007_{i:06d}" for i in range(6)]
+    voc = make_voc(tmp_path, names)
+    for image_set in ("train", "val"):
+        ours = io.voc_samples(voc, image_set)
+        theirs = VOCSegmentation(str(tmp_path), year="2012", image_set=image_set, download=False)
+        assert len(ours) == len(theirs)
+        for ref, (image, target) in zip(ours, theirs):
+            assert ref.image == Path(theirs.images[ours.index(ref)])
+            assert np.array_equal(io.load_image(ref.image), np.array(image))
+            assert np.array_equal(io.load_mask(ref.mask, 21), np.array(target))
+
+
+def test_masks_round_trip_with_ignore_pixels(tmp_path):
+    mask = np.array([[0, 1, 2, 3], [4, 255, 0, 1]], dtype=np.uint8)
+    io.save_mask(mask, tmp_path / "m.png")
+    assert np.array_equal(io.load_mask(tmp_path / "m.png"), mask)
+
+
+def test_invalid_class_id_names_the_file(tmp_path):
+    io.save_mask(np.array([[0, 7]], dtype=np.uint8), tmp_path / "bad.png")
+    with pytest.raises(io.DatasetError, match=r"bad.png.*\[7\].*0\.\.4"):
+        io.load_mask(tmp_path / "bad.png", num_classes=5)
+
+
+def test_split_file_errors_name_file_and_line(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    listing = tmp_path / "labeled.txt"
+    listing.write_text("a.jpg a.png\n")
+    with pytest.raises(io.DatasetError, match=r"labeled.txt:1: .*a.png does not exist"):
+        io.read_split_file(listing, tmp_path)
+    listing.write_text("a.jpg\n")
+    with pytest.raises(io.DatasetError, match=r"labeled.txt:1: expected '<image> <mask>'"):
+        io.read_split_file(listing, tmp_path)
+    assert io.read_split_file(listing, tmp_path, need_masks=False)[0].mask is None
+    with pytest.raises(io.DatasetError, match="dataset root"):
+        io.read_split_file(listing, tmp_path / "nope")
+
+
+def test_cityscapes_reader(tmp_path):
+    for split in ("train", "val"):
+        for city, stem in (("aachen", "aachen_000000_000019"), ("bremen", "bremen_000001_000019")):
+            (tmp_path / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 4)).save(tmp_path / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            io.save_mask(np.zeros((4, 8), np.uint8), tmp_path / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png")
+    refs = io.cityscapes_samples(tmp_path, "train")
+    assert [r.image.parent.name for r in refs] == ["aachen", "bremen"]
+    assert refs[0].mask.name == "aachen_000000_000019_gtFine_labelTrainIds.png"
+    (refs[1].mask).unlink()
+    with pytest.raises(io.DatasetError, match="bremen_000001_000019_gtFine_labelTrainIds.png does not exist"):
+        io.cityscapes_samples(tmp_path, "train")
+
+
+def test_seeded_splits_are_nested_and_reproducible():
+    refs = [io.SampleRef(Path(f"{i}.jpg"), Path(f"{i}.png")) for i in range(64)]
+    a = splits.make_splits(refs, ["1_16", "1_4", "10"], seed=3)
+    b = splits.make_splits(refs, ["1_16", "1_4", "10"], seed=3)
+    assert a == b
+    assert len(a["1_16"][0]) == 4 and len(a["1_4"][0]) == 16 and len(a["10"][0]) == 10
+    assert set(a["1_16"][0]) <= set(a["1_4"][0])
+    assert set(a["1_16"][0]).isdisjoint(a["1_16"][1]) and len(a["1_16"][1]) == 60
+    assert splits.make_splits(refs, ["1_16"], seed=4)["1_16"][0] != a["1_16"][0]
+    with pytest.raises(io.DatasetError, match="1_x"):
+        splits.labeled_count("1_x", 64)
+
+
+def test_synthetic_dataset_is_deterministic_and_in_voc_layout(tmp_path):
+    cfg = SynthConfig(num_train=32, num_val=8, splits=["1_8"])
+    synthetic.generate(tmp_path / "a", cfg)
+    synthetic.generate(tmp_path / "b", cfg)
+    names = (tmp_path / "a/ImageSets/Segmentation/train.txt").read_text().split()
+    assert len(names) == 32
+    for name in names[:4]:
+        ma = io.load_mask(tmp_path / "a/SegmentationClass" / f"{name}.png", 5)
+        mb = io.load_mask(tmp_path / "b/SegmentationClass" / f"{name}.png", 5)
+        assert np.array_equal(ma, mb)
+        assert Image.open(tmp_path / "a/SegmentationClass" / f"{name}.png").mode == "P"
+    all_masks = np.stack([io.load_mask(p) for p in (tmp_path / "a/SegmentationClass").glob("*.png")])
+    assert set(np.unique(all_masks)) <= {0, 1, 2, 3, 4, 255}
+    assert {1, 2, 3, 4} <= set(np.unique(all_masks))  # every class appears
+    assert 0.0 < (all_masks == 255).mean() < 0.15
+    assert (tmp_path / "a/splits/1_8/labeled.txt").read_text().count("\n") == 4
+    assert synthetic.is_generated(tmp_path / "a", cfg)
+    other = synthetic.render_scene(np.random.default_rng([1, 0]), 32)[1]
+    assert not np.array_equal(other, io.load_mask(tmp_path / "a/SegmentationClass/train_000000.png"))
+
+
+def test_resolve_data_reports_missing_pieces(tmp_path, synthetic_root, tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
+    data = resolve_data(cfg)
+    assert len(data.labeled) == 16 and len(data.unlabeled) == 112 and len(data.val) == 32
+    with pytest.raises(io.DatasetError, match="data.root"):
+        resolve_data(load_config(None, tiny_overrides + [f"data.root={tmp_path / 'missing'}"]))
+    with pytest.raises(io.DatasetError, match="data.split '1_3'"):
+        resolve_data(load_config(None, tiny_overrides + ["data.split=1_3"]))
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_weak_view_pads_with_ignore_and_is_reproducible():
+    image = np.full((10, 10, 3), 200, np.uint8)
+    mask = np.ones((10, 10), np.uint8)
+    cfg = AugmentConfig(scale_range=(0.5, 0.5))
+    a = labeled_views(image, mask, 16, cfg, sample_rng(0, 0, 1))
+    b = labeled_views(image, mask, 16, cfg, sample_rng(0, 0, 1))
+    assert a["image"].shape == (3, 16, 16) and a["mask"].shape == (16, 16)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+    # 10 px scaled by 0.5 -> 5 px of content, the rest is padding: image 0, mask 255
+    assert (a["mask"] == 1).sum() == 25 and (a["mask"] == 255).sum() == 16 * 16 - 25
+    assert (a["image"][:, a["mask"] == 255] == 0).all()
+
+
+def test_unlabeled_views_share_geometry_and_mark_padding():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    gt = rng.integers(0, 3, (24, 24)).astype(np.uint8)
+    cfg = AugmentConfig(scale_range=(0.5, 0.8), strong="none")
+    views = unlabeled_views(image, gt, 32, cfg, sample_rng(1, 2, 3))
+    assert np.array_equal(views["weak"], views["strong"])  # no photometric change -> same pixels
+    assert views["ignore"].any() and not views["ignore"].all()
+    assert (views["mask"][views["ignore"]] == 255).all()
+    assert views["cutmix"].dtype == bool and views["cutmix"].shape == (32, 32)
+    no_gt = unlabeled_views(image, None, 32, cfg, sample_rng(1, 2, 3))
+    assert (no_gt["mask"] == 255).all() and np.array_equal(no_gt["ignore"], views["ignore"])
+
+
+@pytest.mark.parametrize("kind", ["reference", "unimatch", "mild", "none"])
+def test_strong_views_keep_shape_and_dtype(kind):
+    image = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
+    for seed in range(10):
+        out = strong_photometric(image, kind, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+def test_cutmix_boxes_cover_the_requested_area():
+    one_box = CutMixConfig(prob=1.0, num_boxes=1, area=(0.25, 0.25))
+    areas = [cutmix_box_mask(64, 64, one_box, np.random.default_rng(s)).mean() for s in range(20)]
+    assert np.allclose(areas, 0.25, atol=0.03)
+    never = CutMixConfig(prob=0.0)
+    assert not cutmix_box_mask(8, 8, never, np.random.default_rng(0)).any()
+    three = CutMixConfig(prob=1.0, num_boxes=3, area=(0.25, 0.5))
+    covered = [cutmix_box_mask(64, 64, three, np.random.default_rng(s)).mean() for s in range(20)]
+    assert all(0.05 < c <= 0.5 + 0.03 for c in covered)

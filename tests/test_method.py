@@ -1,0 +1,288 @@
+"""Known-answer tests of the method core on hand-built tensors (no Ray, no MLflow)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mkd_ray.config import MethodConfig
+from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
+from mkd_ray.method.ema import ema_decay_at, ema_update
+from mkd_ray.method.isda import ClassFeatureStats, augment_logits
+from mkd_ray.method.losses import cosine_rampup, masked_cross_entropy, pseudo_labels, sigmoid_rampup
+from mkd_ray.method.mkd import _mix
+from mkd_ray.method.selection import KnowledgeSelector
+from tests.conftest import TinySeg
+
+C = 3
+
+
+def make_method(**overrides) -> MutualKD:
+    fields = dict(feature_aug="none", lambda_st=1.0, lambda_ss=0.0, tau_t=0.0, tau_s=0.0)
+    fields.update(overrides)
+    return MutualKD(MethodConfig(**fields), lambda i: TinySeg(C), C, total_iters=100)
+
+
+def set_classifier(net, favoured: int, strength: float = 10.0) -> None:
+    """Make a TinySeg predict `favoured` everywhere (bias only, weights zero)."""
+    with torch.no_grad():
+        net.classifier.weight.zero_()
+        net.classifier.bias.zero_()
+        net.classifier.bias[favoured] = strength
+
+
+def tiny_batch(b_l=2, b_u=2, hw=4, seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        x_l=torch.randn(b_l, 3, hw, hw, generator=g),
+        y_l=torch.randint(0, C, (b_l, hw, hw), generator=g),
+        x_w=torch.randn(b_u, 3, hw, hw, generator=g),
+        x_s=torch.randn(b_u, 3, hw, hw, generator=g),
+        ignore_u=torch.zeros(b_u, hw, hw, dtype=torch.bool),
+        cutmix=torch.zeros(b_u, hw, hw, dtype=torch.bool),
+        y_u=torch.randint(0, C, (b_u, hw, hw), generator=g),
+    )
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_masked_cross_entropy_normalisers():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]]]])  # (1, 2 classes, 1, 2 pixels)
+    target = torch.tensor([[[0, 0]]])
+    keep = torch.tensor([[[True, False]]])
+    valid = torch.tensor([[[True, True]]])
+    ce0 = math.log(1 + math.exp(-2.0))  # pixel 0, class 0 has logit 2
+    assert masked_cross_entropy(logits, target, keep, valid, "passed").item() == pytest.approx(ce0)
+    assert masked_cross_entropy(logits, target, keep, valid, "valid").item() == pytest.approx(ce0 / 2)
+    nothing = torch.zeros_like(keep)
+    assert masked_cross_entropy(logits, target, nothing, valid, "passed").item() == 0.0
+
+
+def test_pseudo_labels_and_threshold_mask():
+    logits = torch.log(torch.tensor([[0.7, 0.2], [0.3, 0.8]])).reshape(1, 2, 1, 2)  # probs per pixel
+    conf, label = pseudo_labels(logits)
+    assert label.tolist() == [[[0, 1]]]
+    assert conf.squeeze().tolist() == pytest.approx([0.7 / 1.0, 0.8 / 1.0], rel=1e-5)
+    selector = KnowledgeSelector(2, tau=0.75)
+    keep = selector.select(conf, label, torch.ones_like(label, dtype=torch.bool))
+    assert keep.tolist() == [[[False, True]]]
+
+
+def test_class_adaptive_thresholds_lower_rare_classes_with_floor():
+    sel = KnowledgeSelector(3, tau=0.9, mode="class_adaptive", floor=0.5, momentum=0.0)
+    conf = torch.full((1, 1, 4), 0.95)
+    label = torch.tensor([[[0, 0, 0, 1]]])
+    sel.select(conf, label, torch.ones_like(label, dtype=torch.bool))
+    thr = sel.thresholds()
+    # class 0: beta = 1 -> 0.9 * 1 / (2 - 1) = 0.9; class 1: beta = 1/3 -> 0.9 * (1/3) / (5/3) = 0.18 -> floor 0.5
+    assert thr.tolist() == pytest.approx([0.9, 0.5, 0.5])
+
+
+def test_ramps():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    assert sigmoid_rampup(100, 100) == 1.0 and sigmoid_rampup(3, 0) == 1.0
+    assert cosine_rampup(0, 10, 1.5) == 0.0
+    assert cosine_rampup(5, 10, 1.5) == pytest.approx(0.75)
+    assert cosine_rampup(10, 10, 1.5) == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def test_ema_warmup_and_update():
+    assert ema_decay_at(0, 0.99) == 0.0
+    assert ema_decay_at(1, 0.99) == 0.5
+    assert ema_decay_at(9, 0.99) == pytest.approx(0.9)
+    assert ema_decay_at(10_000, 0.99) == 0.99
+    teacher, student = torch.nn.BatchNorm2d(1), torch.nn.BatchNorm2d(1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(3.0)
+        student.running_mean.fill_(2.0)
+    ema_update(teacher, student, 0.75, "ema")
+    assert teacher.weight.item() == pytest.approx(0.75 * 1 + 0.25 * 3)
+    assert teacher.running_mean.item() == pytest.approx(0.25 * 2)
+    ema_update(teacher, student, 0.75, "copy")
+    assert teacher.running_mean.item() == 2.0
+    teacher.running_mean.fill_(-1.0)
+    ema_update(teacher, student, 0.75, "none")
+    assert teacher.running_mean.item() == -1.0
+
+
+def test_teacher_follows_student_at_step_zero():
+    method = make_method(name="mkd")
+    with torch.no_grad():
+        method.students[0].classifier.weight.add_(1.0)
+    method.update_teachers()  # iteration 0 -> decay 0 -> exact copy
+    assert torch.equal(method.teachers[0].classifier.weight, method.students[0].classifier.weight)
+
+
+# ----------------------------------------------------------------------------- cross distillation
+
+
+def _expected_ce(student, batch, target_class):
+    logits = student(batch.x_s)["logits"]
+    return F.cross_entropy(logits, torch.full(logits.shape[:1] + logits.shape[2:], target_class))
+
+
+def test_each_student_learns_from_the_other_branch_teacher():
+    method = make_method(name="mkd")
+    set_classifier(method.teachers[0], favoured=0)
+    set_classifier(method.teachers[1], favoured=1)
+    batch = tiny_batch()
+    out = method.compute_losses(batch)
+    expected = _expected_ce(method.students[0], batch, 1) + _expected_ce(method.students[1], batch, 0)
+    assert out.metrics["loss_st"].item() == pytest.approx(expected.item(), rel=1e-5)
+    wrong = _expected_ce(method.students[0], batch, 0) + _expected_ce(method.students[1], batch, 1)
+    assert abs(wrong.item() - expected.item()) > 1e-3
+
+
+def test_mean_teacher_learns_from_its_own_teacher():
+    method = make_method(name="mean_teacher")
+    set_classifier(method.teachers[0], favoured=2)
+    batch = tiny_batch()
+    out = method.compute_losses(batch)
+    assert out.metrics["loss_st"].item() == pytest.approx(_expected_ce(method.students[0], batch, 2).item(), rel=1e-5)
+
+
+def test_student_student_term_uses_the_other_students_argmax():
+    method = make_method(name="cps", lambda_ss=1.0)
+    set_classifier(method.students[0], favoured=0, strength=2.0)
+    set_classifier(method.students[1], favoured=2, strength=3.0)
+    batch = tiny_batch()
+    out = method.compute_losses(batch)
+    expected = _expected_ce(method.students[0], batch, 2) + _expected_ce(method.students[1], batch, 0)
+    assert out.metrics["loss_ss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.metrics["loss_st"].item() == 0.0
+
+
+def test_threshold_drops_unconfident_teacher_pixels():
+    method = make_method(name="mkd", tau_t=0.95)
+    set_classifier(method.teachers[0], favoured=0, strength=1.0)  # softmax max ~0.58 < 0.95
+    set_classifier(method.teachers[1], favoured=1, strength=10.0)  # ~1.0
+    out = method.compute_losses(tiny_batch())
+    assert out.metrics["mask_ratio"].item() == pytest.approx(0.5)  # only T2's pixels (for S1) pass
+
+
+def test_supervised_loss_sums_both_students():
+    method = make_method(name="mkd", lambda_st=0.0)
+    batch = tiny_batch()
+    out = method.compute_losses(batch)
+    expected = sum(F.cross_entropy(s(batch.x_l)["logits"], batch.y_l) for s in method.students)
+    assert out.metrics["loss_sup"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_supervised_baseline_ignores_unlabeled_images():
+    method = make_method(name="supervised")
+    assert len(method.students) == 1 and len(method.teachers) == 0 and not method.uses_unlabeled
+    b = tiny_batch()
+    out = method.compute_losses(Batch.labeled_only(b.x_l, b.y_l))
+    assert out.metrics["loss_st"].item() == 0.0 and out.metrics["loss_ss"].item() == 0.0
+
+
+# ----------------------------------------------------------------------------- CutMix
+
+
+def test_cutmix_pseudo_labels_come_from_the_pixels_source_image():
+    method = make_method(name="mean_teacher")
+    # Teacher predicts class = sign of the first input channel; image 0 positive, image 1 negative.
+    with torch.no_grad():
+        w = method.teachers[0].classifier.weight
+        w.zero_()
+        method.teachers[0].classifier.bias.zero_()
+        w[0, 0], w[1, 0] = 20.0, -20.0
+    batch = tiny_batch(b_u=2, hw=4)
+    batch.x_w[0, 0], batch.x_w[1, 0] = 1.0, -1.0
+    batch.cutmix[0, :2, :2] = True  # top-left of image 0 pasted from its partner (image 1)
+    conf, label = method._teacher_targets(0, batch, lam=0.0)
+    assert label[0, :2, :2].eq(1).all() and label[0, 2:, :].eq(0).all()
+    assert label[1].eq(1).all()
+    mixed = _mix(batch.cutmix, batch.x_s)
+    assert torch.equal(mixed[0, :, :2, :2], batch.x_s[1, :, :2, :2])
+    assert torch.equal(mixed[0, :, 2:, :], batch.x_s[0, :, 2:, :])
+
+
+# ----------------------------------------------------------------------------- ISDA
+
+
+def test_isda_logit_offsets_match_formula():
+    stats = ClassFeatureStats(2, 2)
+    stats.var.copy_(torch.tensor([[1.0, 2.0], [0.5, 0.0]]))
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).reshape(2, 2, 1, 1)
+    a = stats.logit_offsets(w, lam=1.0)
+    # A[y=0, j=1] = 0.5 * ((0-1)^2 * 1 + (2-0)^2 * 2) = 4.5 ; A[y=1, j=0] = 0.5 * ((1-0)^2 * 0.5 + (0-2)^2 * 0) = 0.25
+    assert torch.allclose(a, torch.tensor([[0.0, 4.5], [0.25, 0.0]]))
+    logits = torch.zeros(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 1, 255]]])
+    aug = augment_logits(logits, labels, a)
+    assert aug[0, :, 0, 0].tolist() == pytest.approx([0.0, 4.5])
+    assert aug[0, :, 0, 1].tolist() == pytest.approx([0.25, 0.0])
+    assert aug[0, :, 0, 2].tolist() == [0.0, 0.0]
+
+
+def test_isda_estimator_matches_batch_statistics():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 4, 4)
+    labels = torch.randint(0, 2, (2, 4, 4))
+    labels[0, 0, 0] = 255
+    stats = ClassFeatureStats(2, 3)
+    stats.update(feats[:1], labels[:1])
+    stats.update(feats[1:], labels[1:])
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, 3)
+    lab = labels.reshape(-1)
+    for c in range(2):
+        sel = flat[lab == c]
+        assert stats.count[c].item() == len(sel)
+        assert torch.allclose(stats.mean[c], sel.mean(0), atol=1e-5)
+        assert torch.allclose(stats.var[c], sel.var(0, unbiased=False), atol=1e-5)
+
+
+def test_isda_changes_student_loss_and_keeps_gradients():
+    method = make_method(name="mkd", feature_aug="isda", lam_max=2.0, lambda_ss=1.0)
+    method.iteration.fill_(100)  # full strength
+    batch = tiny_batch()
+    for _ in range(2):  # first call fills the statistics
+        out = method.compute_losses(batch)
+    plain = make_method(name="mkd", lambda_ss=1.0)
+    plain.load_state_dict({k: v for k, v in method.state_dict().items() if k in plain.state_dict()})
+    assert out.metrics["loss_sup"].item() > plain.compute_losses(batch).metrics["loss_sup"].item()
+    out.loss.backward()
+    assert method.students[0].classifier.weight.grad is not None
+
+
+def test_feature_dropout_stream_is_averaged_into_the_teacher_term():
+    method = make_method(name="mean_teacher", feature_aug="dropout", fp_dropout=0.5)
+    out = method.compute_losses(tiny_batch())
+    assert torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+
+def test_train_step_updates_students_not_teachers_by_gradient():
+    from mkd_ray.config import TrainConfig
+
+    method = make_method(name="mkd", lambda_ss=1.0)
+    optimizer, scheduler = build_optimizer(method, TrainConfig(iters=10, lr=0.1))
+    before_s = method.students[0].classifier.weight.clone()
+    out = train_step(method, optimizer, scheduler, tiny_batch())
+    assert int(method.iteration) == 1
+    assert not torch.equal(before_s, method.students[0].classifier.weight)
+    assert all(p.grad is None for p in method.teachers.parameters())
+    # poly: after one of 10 steps the lr factor is (1 - 1/10) ** 0.9
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**0.9)
+    assert set(out.metrics) >= {"loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "lr"}
+
+
+def test_pseudo_label_accuracy_diagnostic():
+    method = make_method(name="mean_teacher")
+    set_classifier(method.teachers[0], favoured=1)
+    batch = tiny_batch()
+    batch.y_u.fill_(1)
+    batch.y_u[0, 0, 0] = 0
+    out = method.compute_losses(batch)
+    assert out.metrics["pseudo_acc"].item() == pytest.approx(31 / 32)
