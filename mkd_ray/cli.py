@@ -53,6 +53,9 @@ def cmd_train(args) -> int:
     from mkd_ray.engine import train_local
 
     cfg = load_config(args.pipeline, args.overrides)
+    if not args.local:
+        print("error: only the single-process loop exists so far; pass --local", file=sys.stderr)
+        return 2
     result = train_local(cfg)
     print(f"final val mIoU {result['val/miou']:.2f}  ({result['seconds']:.0f} s, {result['seconds_per_iter']:.3f} s/iter)")
     if args.summary:

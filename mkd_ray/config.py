@@ -93,8 +93,11 @@ class ModelConfig:
     # Channel multiplier; only for the small backbones (resnet18/34, mobilenets).
     width: float = field(default=1.0, metadata=_range(0.0625, 4, lo_open=False))
     output_stride: Literal[8, 16, 32] = 16
+    # ResNets only: false drops the stem's max-pool, halving every stride (small images).
+    stem_pool: bool = True
     aspp_channels: int = field(default=256, metadata=_range(8))
     aspp_rates: tuple[int, int, int] = (6, 12, 18)
+    aspp_dropout: float = field(default=0.5, metadata=_range(0, 1, hi_open=True))
     low_level_channels: int = field(default=48, metadata=_range(4))
     decoder_channels: int = field(default=256, metadata=_range(8))
     # None (random init), "imagenet" (torchvision weights API) or a path to a state dict.
@@ -362,6 +365,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("model.width", "a width multiplier is only available for resnet18/34 and the mobilenets")
     if any(r < 1 for r in m.aspp_rates):
         raise ConfigError("model.aspp_rates", f"got {list(m.aspp_rates)}; dilation rates must be >= 1")
+    if m.backbone.startswith("mobilenet") and not m.stem_pool:
+        raise ConfigError("model.stem_pool", "only ResNet backbones can drop the stem max-pool")
     if m.backbone.startswith("mobilenet") and m.output_stride == 8:
         raise ConfigError("model.output_stride", "mobilenet backbones support output stride 16 or 32")
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu and cfg.train.device != "cuda":

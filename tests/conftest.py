@@ -21,6 +21,7 @@ TINY = [
     "data.synth.num_train=128",
     "data.synth.num_val=32",
     "data.synth.splits=['1_8']",
+    "train.lr=0.005",
     "data.split=1_8",
     "train.log_interval=10",
 ]

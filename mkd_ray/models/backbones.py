@@ -53,7 +53,7 @@ class _NarrowResNet(ResNet):
 
 
 class ResNetBackbone(nn.Module):
-    def __init__(self, name: str, output_stride: int, width: float = 1.0, weights=None):
+    def __init__(self, name: str, output_stride: int, width: float = 1.0, weights=None, stem_pool: bool = True):
         super().__init__()
         block, layers, _ = _RESNETS[name]
         dilate = _stages_to_dilate(output_stride)
@@ -69,7 +69,8 @@ class ResNetBackbone(nn.Module):
                 if on:
                     dilation *= 2
                     _dilate_stage(stage, dilation)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        # Without the max-pool every stage runs at twice the resolution (for tiny images).
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool if stem_pool else nn.Identity())
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +103,7 @@ def imagenet_weights(name: str):
     return getattr(models, enum_name).DEFAULT
 
 
-def build_backbone(name: str, output_stride: int, width: float = 1.0, weights=None) -> nn.Module:
+def build_backbone(name: str, output_stride: int, width: float = 1.0, weights=None, stem_pool: bool = True) -> nn.Module:
     if name in _RESNETS:
-        return ResNetBackbone(name, output_stride, width, weights)
+        return ResNetBackbone(name, output_stride, width, weights, stem_pool)
     return MobileNetV3Backbone(name, output_stride, width, weights)

@@ -26,9 +26,12 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
 class DeepLabV3Plus(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.width, _torchvision_weights(cfg))
+        self.backbone = build_backbone(
+            cfg.backbone, cfg.output_stride, cfg.width, _torchvision_weights(cfg), cfg.stem_pool
+        )
         low_ch, high_ch = _channels(self.backbone)
         self.aspp = ASPP(high_ch, list(cfg.aspp_rates), cfg.aspp_channels)
+        self.aspp.project[-1].p = cfg.aspp_dropout  # torchvision fixes it at 0.5
         self.reduce = _conv_bn_relu(low_ch, cfg.low_level_channels, 1)
         self.fuse = nn.Sequential(
             _conv_bn_relu(cfg.aspp_channels + cfg.low_level_channels, cfg.decoder_channels, 3),
