@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig
 from mkd_ray.data.sources import ExperimentData, ensure_synthetic, resolve_data
 from mkd_ray.data.torch_data import endless_loader, eval_batches
@@ -120,8 +122,15 @@ def train_local(
     log: Callable[[str], None] = print,
     on_metrics: Optional[Callable[[int, dict[str, float]], None]] = None,
     data: Optional[ExperimentData] = None,
+    checkpoint_dir: Optional[Path] = None,
+    stop_after: Optional[int] = None,
 ) -> dict:
-    """Train in this process; returns final validation metrics and timing."""
+    """Train in this process; returns final validation metrics and timing.
+
+    With `checkpoint_dir`, a checkpoint is written every `train.checkpoint_interval` steps
+    and at the end, and a run started again on the same directory resumes from it.
+    `stop_after` ends the run early at that step (after its checkpoint), as an interruption would.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -133,15 +142,24 @@ def train_local(
         method.to(memory_format=torch.channels_last)
     method.train()
     optimizer, scheduler = build_optimizer(method, cfg.train)
+    start_step = 0
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / ckpt.FILENAME).is_file():
+        state = ckpt.load_state(checkpoint_dir)
+        ckpt.check_compatible(ckpt.checkpoint_config(state), cfg, str(checkpoint_dir))
+        start_step = ckpt.restore(state, method, optimizer, scheduler)
+        log(f"resumed from {checkpoint_dir} at step {start_step}")
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
-    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size))
-    unlabeled = iter(endless_loader(data.unlabeled, cfg, False, cfg.data.unlabeled_batch_size)) if method.uses_unlabeled else None
+    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step))
+    unlabeled = None
+    if method.uses_unlabeled:
+        unlabeled = iter(endless_loader(data.unlabeled, cfg, False, cfg.data.unlabeled_batch_size, start_step=start_step))
     images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
-    meter = ProgressMeter(cfg.train.iters, images_per_step)
+    meter = ProgressMeter(cfg.train.iters, images_per_step, start_step)
     history: list[dict] = []
     result: dict = {}
     start = time.perf_counter()
-    for step in range(1, cfg.train.iters + 1):
+    last_step = min(cfg.train.iters, stop_after or cfg.train.iters)
+    for step in range(start_step + 1, last_step + 1):
         batch = to_batch(next(labeled), next(unlabeled) if unlabeled else None, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics)
@@ -157,8 +175,11 @@ def train_local(
             log(f"step {step}: val mIoU {result['val/miou']:.2f}")
             if on_metrics:
                 on_metrics(step, {"val/miou": result["val/miou"]})
+        interval = cfg.train.checkpoint_interval
+        if checkpoint_dir is not None and ((interval and step % interval == 0) or step == last_step):
+            ckpt.save_checkpoint(checkpoint_dir, cfg, method, optimizer, scheduler)
     result["seconds"] = time.perf_counter() - start
-    result["seconds_per_iter"] = result["seconds"] / cfg.train.iters
+    result["seconds_per_iter"] = result["seconds"] / max(last_step - start_step, 1)
     result["history"] = history
     result["method"] = method
     return result

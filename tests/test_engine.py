@@ -5,26 +5,41 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mkd_ray.config import load_config
+from mkd_ray.data.io import load_mask
+from mkd_ray.data.sources import resolve_data
+from mkd_ray.metrics import MeanIoU
 from mkd_ray.engine import train_local
 from tests.conftest import REPO
 
 
 def _run(overrides, method, iters):
-    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", overrides + [
-        f"method.name={method}", f"train.iters={iters}", f"train.eval_interval={iters}", "method.rampup_iters=0"])
+    fixed = [f"method.name={method}", f"train.iters={iters}", f"train.eval_interval={iters}", "method.rampup_iters=0"]
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", fixed + overrides)
     return train_local(cfg, log=lambda *_: None)
+
+
+def majority_class_miou(cfg) -> float:
+    meter = MeanIoU(cfg.data.num_classes)
+    for ref in resolve_data(cfg).val:
+        mask = torch.from_numpy(load_mask(ref.mask))
+        meter.update(torch.zeros_like(mask), mask)
+    return meter.miou()
 
 
 @pytest.mark.slow
 def test_mkd_loss_decreases_and_miou_beats_chance(tiny_overrides):
-    result = _run(tiny_overrides + ["train.log_interval=50", "data.split=all"], "mkd", 300)
+    # The pipeline's own model (not the test-sized one), every image labeled, a short ramp.
+    data_only = [o for o in tiny_overrides if not o.startswith("model.")]
+    result = _run(data_only + ["train.log_interval=50", "data.split=all", "method.rampup_iters=400"], "mkd", 600)
     sup = [h["loss_sup"] for h in result["history"]]
     assert sup[-1] < 0.8 * sup[0], sup  # ISDA widens the margins as training goes on
-    # Chance here is the majority-class predictor: all background, about 83/5 = 17 mIoU with
-    # every foreground IoU at 0. The model must find foreground objects to beat it.
-    assert result["val/miou"] > 22.0, result["val/iou"]
+    # Chance is the majority-class predictor (all background, every foreground IoU 0):
+    # the model must find foreground objects to beat it.
+    chance = majority_class_miou(load_config(REPO / "pipelines" / "synthetic.yaml", tiny_overrides))
+    assert result["val/miou"] > chance + 2.0, (chance, result["val/iou"])
     assert max(result["val/iou"][1:]) > 10.0, result["val/iou"]
     assert 0.0 <= result["history"][-1]["mask_ratio"] <= 1.0
 

@@ -18,20 +18,22 @@ from mkd_ray.data.io import SampleRef, load_image, load_mask
 
 
 class EndlessSampler(Sampler):
-    """Seeded reshuffle every epoch, forever: yields (epoch, index)."""
+    """Seeded reshuffle every epoch, forever: yields (epoch, index), skipping the first
+    `start` draws, so a resumed run sees exactly the samples it would have seen."""
 
-    def __init__(self, size: int, seed: int, start_epoch: int = 0):
-        self.size, self.seed, self.start_epoch = size, seed, start_epoch
+    def __init__(self, size: int, seed: int, start: int = 0):
+        self.size, self.seed, self.start = size, seed, start
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number
         return 2**62
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.start_epoch
+        epoch, position = divmod(self.start, self.size)
         while True:
-            for index in np.random.default_rng([self.seed, epoch]).permutation(self.size):
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            for index in order[position:]:
                 yield epoch, int(index)
-            epoch += 1
+            epoch, position = epoch + 1, 0
 
 
 class TrainSet(Dataset):
@@ -73,9 +75,12 @@ class EvalSet(Dataset):
         }
 
 
-def endless_loader(refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool, batch_size: int, workers: int = 0):
+def endless_loader(refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool, batch_size: int, workers: int = 0,
+                   start_step: int = 0, rank: int = 0):
+    """Batches forever from step `start_step` on; each rank draws its own seeded sequence."""
     dataset = TrainSet(refs, cfg, labeled)
-    sampler = EndlessSampler(len(refs), cfg.train.seed * 2 + (0 if labeled else 1))
+    seed = (cfg.train.seed * 2 + (0 if labeled else 1)) * 1000 + rank
+    sampler = EndlessSampler(len(refs), seed, start=start_step * batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       persistent_workers=workers > 0)
 

@@ -1,0 +1,102 @@
+"""Training checkpoints: one file, written atomically, read with weights-only unpickling.
+
+A checkpoint holds everything a run needs to continue exactly where it stopped: the
+students, teachers, ISDA statistics and threshold state (all in the method's state dict),
+the optimizer and LR schedule, the step, torch's RNG state and the resolved config (data
+augmentation draws its randomness from (seed, epoch, index), so it needs no state). The
+config is stored as YAML text so `torch.load(weights_only=True)` can read the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from mkd_ray.config import ExperimentConfig, config_from_dict
+
+FORMAT_VERSION = 1
+FILENAME = "state.pt"
+# Keys whose change makes saved weights unusable.
+ARCHITECTURE_KEYS = ("model.", "method.name", "method.feature_aug", "method.isda_teachers", "data.num_classes")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, tampered with or from an incompatible config."""
+
+
+def save_checkpoint(path: Path, cfg: ExperimentConfig, method, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> Path:
+    """Write `path` (a directory) atomically: a temp file renamed into place, so a crash
+    mid-save leaves the previous checkpoint, never a partial one."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        "method": method.state_dict(),
+        "step": int(method.iteration),
+        "torch_rng": torch.get_rng_state(),
+        "extra": extra or {},
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path / FILENAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path / FILENAME
+
+
+def load_state(path: Path) -> dict:
+    """Read a checkpoint file or directory with weights-only unpickling."""
+    path = Path(path)
+    file = path / FILENAME if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {file} does not exist")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, tampered or not a torch file
+        raise CheckpointError(f"checkpoint {file} cannot be read safely: {exc}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "method" not in state:
+        raise CheckpointError(f"checkpoint {file} is not an mkd_ray checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def checkpoint_config(state: dict) -> ExperimentConfig:
+    return config_from_dict(yaml.safe_load(state["config_yaml"]))
+
+
+def check_compatible(saved: ExperimentConfig, current: ExperimentConfig, source: str = "checkpoint") -> None:
+    """Refuse weights whose architecture differs from the current config, naming the keys."""
+    old, new = saved.flat(), current.flat()
+    differing = [k for k in new if k.startswith(ARCHITECTURE_KEYS) and old.get(k) != new[k]]
+    if differing:
+        details = ", ".join(f"{k}: {old.get(k)!r} in the checkpoint vs {new[k]!r}" for k in differing)
+        raise CheckpointError(f"{source} was trained with a different architecture ({details})")
+
+
+def restore(state: dict, method, optimizer=None, scheduler=None) -> int:
+    """Load a checkpoint into live objects; returns the step to continue from."""
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])

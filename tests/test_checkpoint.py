@@ -1,0 +1,72 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from mkd_ray import checkpoint as ckpt
+from mkd_ray.config import load_config
+from mkd_ray.engine import build_method, train_local
+from tests.conftest import REPO
+
+
+def _cfg(overrides, *extra):
+    return load_config(REPO / "pipelines" / "synthetic.yaml", overrides + ["train.iters=6", "train.eval_interval=6",
+                                                                           "train.checkpoint_interval=3", *extra])
+
+
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_overrides, tmp_path):
+    quiet = dict(log=lambda *_: None)
+    straight = train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "a", **quiet)["method"]
+    train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "b", stop_after=3, **quiet)
+    assert ckpt.load_state(tmp_path / "b")["step"] == 3
+    resumed = train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "b", **quiet)["method"]
+    assert int(resumed.iteration) == 6
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_from_another_architecture_is_refused(tiny_overrides, tmp_path):
+    cfg = _cfg(tiny_overrides)
+    method = build_method(cfg)
+    ckpt.save_checkpoint(tmp_path, cfg, method)
+    other = _cfg(tiny_overrides, "model.width=0.5")
+    with pytest.raises(ckpt.CheckpointError, match=r"model.width: 0.25 in the checkpoint vs 0.5"):
+        ckpt.check_compatible(ckpt.checkpoint_config(ckpt.load_state(tmp_path)), other)
+    with pytest.raises(ckpt.CheckpointError, match="does not fit"):
+        ckpt.restore(ckpt.load_state(tmp_path), build_method(other))
+
+
+def test_tampered_and_foreign_files_are_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read safely"):
+        ckpt.load_state(tmp_path / "junk.pt")
+    # A pickle that would run code on load: weights-only unpickling refuses it.
+    with open(tmp_path / "evil.pt", "wb") as handle:
+        pickle.dump(os.system, handle)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read safely"):
+        ckpt.load_state(tmp_path / "evil.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ckpt.CheckpointError, match="not an mkd_ray checkpoint"):
+        ckpt.load_state(tmp_path / "plain.pt")
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_state(tmp_path / "missing")
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tiny_overrides, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_overrides)
+    method = build_method(cfg)
+    ckpt.save_checkpoint(tmp_path, cfg, method)
+    before = (tmp_path / ckpt.FILENAME).read_bytes()
+    method.iteration.fill_(99)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, cfg, method)
+    assert (tmp_path / ckpt.FILENAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.FILENAME]
