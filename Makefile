@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 train: $(VENV)/.installed
-	$(PY) run.py train --pipeline pipelines/synthetic.yaml --local
+	$(PY) run.py train --pipeline pipelines/synthetic.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

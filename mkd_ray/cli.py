@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one configuration")
     _add_config_args(train)
     train.add_argument("--local", action="store_true", help="single-process loop, no Ray")
+    train.add_argument("--name", help="run name; a run started again with the same name resumes (default: <config name>-<time>)")
+    train.add_argument("--storage", type=Path, default=Path("runs"), help="where runs and checkpoints live (default: %(default)s)")
+    train.add_argument("--address", help="Ray cluster to join (auto, ray://..., host:port); default: start a local one")
     train.add_argument("--summary", type=Path, help="write final metrics as JSON here")
 
     data = commands.add_parser("data", help="dataset tools")
@@ -53,14 +56,18 @@ def cmd_train(args) -> int:
     from mkd_ray.engine import train_local
 
     cfg = load_config(args.pipeline, args.overrides)
-    if not args.local:
-        print("error: only the single-process loop exists so far; pass --local", file=sys.stderr)
-        return 2
-    result = train_local(cfg)
-    print(f"final val mIoU {result['val/miou']:.2f}  ({result['seconds']:.0f} s, {result['seconds_per_iter']:.3f} s/iter)")
+    if args.local:
+        result = train_local(cfg, checkpoint_dir=args.storage / (args.name or cfg.name) if args.name else None)
+        summary = {k: result.get(k) for k in ("val/miou", "val/iou", "seconds", "seconds_per_iter", "step")}
+    else:
+        from mkd_ray.train.trainer import fit
+
+        result = fit(cfg, name=args.name, storage_path=args.storage, address=args.address)
+        summary = {**result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    if summary.get("val/miou") is not None:
+        print(f"final val mIoU {summary['val/miou']:.2f}")
     if args.summary:
-        summary = {k: result[k] for k in ("val/miou", "val/iou", "seconds", "seconds_per_iter", "step")}
-        args.summary.write_text(json.dumps(summary, indent=2))
+        args.summary.write_text(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -143,6 +143,9 @@ class TrainConfig:
     head_lr_mult: float = field(default=1.0, metadata=_range(0, lo_open=True))
     eval_interval: int = field(default=500, metadata=_range(1))
     checkpoint_interval: int = field(default=500, metadata=_range(0))
+    # End this invocation at this step, after a checkpoint (0 = run to `iters`); starting
+    # the run again under the same name continues it. The schedule still spans `iters`.
+    stop_at: int = field(default=0, metadata=_range(0))
     log_interval: int = field(default=50, metadata=_range(1))
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -433,6 +436,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """Pipeline YAML (or the defaults) + dotted overrides -> validated config."""
     tree = read_yaml(path) if path is not None else {}
     return config_from_dict(tree, overrides)
+
+
+def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
+    """Relative dataset and weight paths resolved against `base` (the driver's working
+    directory), so that workers, whose working directory differs, read the same files."""
+    base = Path.cwd() if base is None else Path(base)
+
+    def absolute(value: Optional[str]) -> Optional[str]:
+        return None if value is None else str((base / value).resolve())
+
+    data = dataclasses.replace(cfg.data, root=absolute(cfg.data.root), splits_dir=absolute(cfg.data.splits_dir))
+    if (base / cfg.data.split / "labeled.txt").is_file():
+        data = dataclasses.replace(data, split=absolute(cfg.data.split))
+    model = cfg.model
+    if model.pretrained not in (None, "imagenet"):
+        model = dataclasses.replace(model, pretrained=absolute(model.pretrained))
+    return dataclasses.replace(cfg, data=data, model=model)
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:

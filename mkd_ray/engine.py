@@ -123,13 +123,12 @@ def train_local(
     on_metrics: Optional[Callable[[int, dict[str, float]], None]] = None,
     data: Optional[ExperimentData] = None,
     checkpoint_dir: Optional[Path] = None,
-    stop_after: Optional[int] = None,
 ) -> dict:
     """Train in this process; returns final validation metrics and timing.
 
     With `checkpoint_dir`, a checkpoint is written every `train.checkpoint_interval` steps
-    and at the end, and a run started again on the same directory resumes from it.
-    `stop_after` ends the run early at that step (after its checkpoint), as an interruption would.
+    and at the end, and a run started again on the same directory resumes from it
+    (`train.stop_at` ends an invocation early, as an interruption would).
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -158,7 +157,7 @@ def train_local(
     history: list[dict] = []
     result: dict = {}
     start = time.perf_counter()
-    last_step = min(cfg.train.iters, stop_after or cfg.train.iters)
+    last_step = min(cfg.train.iters, cfg.train.stop_at or cfg.train.iters)
     for step in range(start_step + 1, last_step + 1):
         batch = to_batch(next(labeled), next(unlabeled) if unlabeled else None, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)

@@ -18,7 +18,7 @@ def _cfg(overrides, *extra):
 def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_overrides, tmp_path):
     quiet = dict(log=lambda *_: None)
     straight = train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "a", **quiet)["method"]
-    train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "b", stop_after=3, **quiet)
+    train_local(_cfg(tiny_overrides, "train.stop_at=3"), checkpoint_dir=tmp_path / "b", **quiet)
     assert ckpt.load_state(tmp_path / "b")["step"] == 3
     resumed = train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "b", **quiet)["method"]
     assert int(resumed.iteration) == 6

@@ -6,6 +6,7 @@ Samplers yield (epoch, index) keys, and each sample's randomness is derived from
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -28,12 +29,29 @@ class EndlessSampler(Sampler):
         return 2**62
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, position = divmod(self.start, self.size)
+        draw = self.start
         while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-            for index in order[position:]:
-                yield epoch, int(index)
-            epoch, position = epoch + 1, 0
+            yield draw_key(draw, self.size, self.seed)
+            draw += 1
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def draw_key(draw: int, size: int, seed: int) -> tuple[int, int]:
+    """The `draw`-th sample of a seeded endless shuffle: (epoch, index into the list)."""
+    epoch, position = divmod(int(draw), size)
+    return epoch, int(_epoch_order(seed, epoch, size)[position])
+
+
+def unlabeled_seed(cfg: ExperimentConfig, rank: int = 0) -> int:
+    return (cfg.train.seed * 2 + 1) * 1000 + rank
+
+
+def labeled_seed(cfg: ExperimentConfig, rank: int = 0) -> int:
+    return cfg.train.seed * 2 * 1000 + rank
 
 
 class TrainSet(Dataset):
@@ -79,7 +97,7 @@ def endless_loader(refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool, 
                    start_step: int = 0, rank: int = 0):
     """Batches forever from step `start_step` on; each rank draws its own seeded sequence."""
     dataset = TrainSet(refs, cfg, labeled)
-    seed = (cfg.train.seed * 2 + (0 if labeled else 1)) * 1000 + rank
+    seed = labeled_seed(cfg, rank) if labeled else unlabeled_seed(cfg, rank)
     sampler = EndlessSampler(len(refs), seed, start=start_step * batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       persistent_workers=workers > 0)

@@ -1,0 +1,1 @@
+"""Ray Train edge: the distributed training loop and the TorchTrainer around it."""

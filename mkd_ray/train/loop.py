@@ -1,0 +1,165 @@
+"""`train_loop_per_worker`: the method's step under DDP, fed by Ray Data, reporting to Ray Train.
+
+Runs on every training worker. Students are wrapped in DistributedDataParallel (gloo on
+CPU, NCCL on GPU, chosen by Ray from `use_gpu`); teachers are not, they follow their own
+students by EMA on every rank identically. Only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from mkd_ray import checkpoint as ckpt
+from mkd_ray.config import ExperimentConfig, config_from_dict
+from mkd_ray.data.sources import resolve_data
+from mkd_ray.data.torch_data import endless_loader, eval_batches
+from mkd_ray.engine import ProgressMeter, build_method, run_evaluation, to_batch
+from mkd_ray.method import build_optimizer, train_step
+from mkd_ray.metrics import MeanIoU
+
+
+def _is_report_step(step: int, cfg: ExperimentConfig) -> bool:
+    t = cfg.train
+    return (
+        step % t.log_interval == 0
+        or step % t.eval_interval == 0
+        or (t.checkpoint_interval and step % t.checkpoint_interval == 0)
+        or step == t.iters
+    )
+
+
+def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set):
+    shard = ray.train.get_dataset_shard("unlabeled")
+    for batch in shard.iter_torch_batches(batch_size=cfg.data.unlabeled_batch_size, drop_last=True, device="cpu"):
+        batch["ignore"] = batch["ignore"].bool()
+        batch["cutmix"] = batch["cutmix"].bool()
+        if len(seen_draws) < _MAX_TRACKED_DRAWS:
+            seen_draws.update(batch.pop("draw").tolist())
+        yield batch
+
+
+_MAX_TRACKED_DRAWS = 100_000
+
+
+def _consistency_metrics(method, seen_draws: set, world: int) -> dict[str, float]:
+    """DDP health: how far student weights drift apart across ranks (0 when DDP works), and
+    how many unlabeled draws more than one rank consumed (0 when shards are disjoint)."""
+    if world == 1:
+        return {"ddp/max_param_diff": 0.0, "data/shared_draws": 0.0}
+    flat = torch.cat([p.detach().flatten().float() for s in method.students for p in s.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    drift = max((g - gathered[0]).abs().max().item() for g in gathered)
+    draws: list = [None] * world
+    dist.all_gather_object(draws, seen_draws)
+    shared = sum(len(a & b) for i, a in enumerate(draws) for b in draws[i + 1 :])
+    return {"ddp/max_param_diff": drift, "data/shared_draws": float(shared)}
+
+
+def _broadcast_buffers(method, world: int) -> None:
+    """Give every rank rank 0's BatchNorm statistics (students and teachers).
+
+    DDP broadcasts buffers before each forward, but the forward then updates them with the
+    rank's own batch, so ranks end a step with slightly different running statistics (and
+    teachers average them). Evaluation and checkpoints use rank 0's, on every rank.
+    """
+    if world == 1:
+        return
+    for net in [*method.students, *method.teachers]:
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _evaluate_sharded(method, cfg: ExperimentConfig, data, device, rank: int, world: int) -> MeanIoU:
+    """Each rank scores its slice of the validation set; confusion matrices are summed."""
+    meter = run_evaluation(method, cfg, eval_batches(data.val[rank::world], cfg, cfg.data.val_batch_size), device)
+    if world > 1:
+        dist.all_reduce(meter.matrix, op=dist.ReduceOp.SUM)
+    return meter
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device()
+    data = resolve_data(cfg)
+
+    method = build_method(cfg).to(device)
+    method.train()
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        method.wrap_students(lambda student: DistributedDataParallel(student, device_ids=ids))
+    optimizer, scheduler = build_optimizer(method, cfg.train)
+    scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start_step = ckpt.restore(ckpt.load_state(directory), method, optimizer, scheduler)
+
+    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step, rank=rank))
+    seen_draws: set = set()
+    unlabeled = _unlabeled_batches(cfg, seen_draws) if method.uses_unlabeled else None
+    images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
+    meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
+    data_wait = 0.0
+
+    last_step = min(cfg.train.iters, cfg.train.stop_at or cfg.train.iters)
+    for step in range(start_step + 1, last_step + 1):
+        waited_from = time.perf_counter()
+        unlabeled_batch = next(unlabeled) if unlabeled else None
+        labeled_batch = next(labeled)
+        data_wait += time.perf_counter() - waited_from
+        batch = to_batch(labeled_batch, unlabeled_batch, cfg, device)
+        out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
+        meter.add(out.metrics)
+        if not _is_report_step(step, cfg) and step != last_step:
+            continue
+        _broadcast_buffers(method, world)
+        metrics = {"step": step}
+        if step % cfg.train.log_interval == 0 or step == cfg.train.iters:
+            values = meter.summary(step)
+            values["data_wait_fraction"] = data_wait / max(values["seconds_per_iter"] * cfg.train.log_interval, 1e-9)
+            data_wait = 0.0
+            metrics.update({f"train/{k}": v for k, v in values.items()})
+            if rank == 0:
+                print(ProgressMeter.line(step, cfg.train.iters, values), flush=True)
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
+            iou = _evaluate_sharded(method, cfg, data, device, rank, world)
+            metrics["val/miou"] = iou.miou()
+            metrics.update({f"val/iou/{name}": v for name, v in zip(_class_names(cfg), iou.per_class())})
+            metrics.update(_consistency_metrics(method, seen_draws, world))
+            if rank == 0:
+                print(f"step {step}: val mIoU {metrics['val/miou']:.2f}", flush=True)
+        interval = cfg.train.checkpoint_interval
+        if (interval and step % interval == 0) or step == last_step:
+            _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank, step)
+        else:
+            ray.train.report(metrics)
+
+
+def _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank: int, step: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            ckpt.save_checkpoint(Path(tmp), cfg, method, optimizer, scheduler)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
+
+
+def _class_names(cfg: ExperimentConfig) -> list[str]:
+    return cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
+

@@ -1,0 +1,87 @@
+"""The TorchTrainer around `train_loop_per_worker`, and connecting to (or starting) Ray."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mkd_ray.config import ExperimentConfig, with_absolute_paths
+from mkd_ray.data.ray_data import unlabeled_dataset
+from mkd_ray.data.sources import ExperimentData, ensure_synthetic, resolve_data
+from mkd_ray.train.loop import train_loop_per_worker
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def connect(address: Optional[str] = None) -> None:
+    """Join an existing cluster (`auto`, `ray://...`, GCS address) or start a local one on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        # The dashboard serves the State API that Ray Train uses to release finished placement groups.
+        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint of a run (0 if none): where a resumed run starts."""
+    steps = [int(m.group(1)) for p in Path(run_dir).glob("step_*") if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").is_file()]
+    return max(steps, default=0)
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_trainer(cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: Path, max_failures: int = 2) -> TorchTrainer:
+    """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here)."""
+    storage_path = Path(storage_path).resolve()
+    workers = max(cfg.scaling.num_workers, 1)
+    start = latest_step(storage_path / name)
+    draws_per_step = workers * cfg.data.unlabeled_batch_size
+    datasets = {}
+    if data.unlabeled and cfg.method.name != "supervised":
+        datasets["unlabeled"] = unlabeled_dataset(
+            cfg, data.unlabeled, start_draw=start * draws_per_step, num_draws=max(cfg.train.iters - start, 1) * draws_per_step
+        )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=_ordered_ingest()),
+    )
+
+
+def _ordered_ingest():
+    """Ray Train's ingest defaults, keeping block order: a run's stream is then reproducible."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def fit(cfg: ExperimentConfig, name: Optional[str] = None, storage_path: Path = Path("runs"), address: Optional[str] = None):
+    """Train on Ray; a run started again with the same `name` resumes from its last checkpoint."""
+    name = name or default_run_name(cfg)
+    cfg = with_absolute_paths(cfg)
+    ensure_synthetic(cfg)
+    data = resolve_data(cfg)  # every listed file exists: fail here, before Ray starts
+    connect(address)
+    return build_trainer(cfg, data, name, storage_path).fit()
