@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+from mkd_ray.checkpoint import CheckpointError
 from mkd_ray.config import ConfigError, SynthConfig, load_config
 from mkd_ray.data.io import DatasetError
 
@@ -29,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="run name; a run started again with the same name resumes (default: <config name>-<time>)")
     train.add_argument("--storage", type=Path, default=Path("runs"), help="where runs and checkpoints live (default: %(default)s)")
     train.add_argument("--address", help="Ray cluster to join (auto, ray://..., host:port); default: start a local one")
+    train.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
     train.add_argument("--summary", type=Path, help="write final metrics as JSON here")
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint on the validation split")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or file, or an MLflow run id")
+    evaluate.add_argument("--pipeline", help="evaluate with this pipeline's data settings (default: the checkpoint's own config)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--mode", choices=["whole", "center", "sliding"], help="inference mode (default: the config's)")
+    evaluate.add_argument("--save-predictions", type=Path, help="write one palette PNG per validation image here")
+    evaluate.add_argument("--summary", type=Path, help="write the metrics as JSON here")
 
     data = commands.add_parser("data", help="dataset tools")
     tools = data.add_subparsers(dest="tool", required=True)
@@ -57,17 +68,45 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.pipeline, args.overrides)
     if args.local:
-        result = train_local(cfg, checkpoint_dir=args.storage / (args.name or cfg.name) if args.name else None)
+        from mkd_ray.engine import default_run_name
+
+        result = train_local(cfg, checkpoint_dir=args.storage / (args.name or default_run_name(cfg)))
         summary = {k: result.get(k) for k in ("val/miou", "val/iou", "seconds", "seconds_per_iter", "step")}
     else:
         from mkd_ray.train.trainer import fit
 
-        result = fit(cfg, name=args.name, storage_path=args.storage, address=args.address)
-        summary = {**result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+        result, run_id = fit(cfg, name=args.name, storage_path=args.storage, address=args.address, experiment=args.experiment)
+        summary = {**result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None, "mlflow_run_id": run_id}
     if summary.get("val/miou") is not None:
         print(f"final val mIoU {summary['val/miou']:.2f}")
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import tempfile
+
+    from mkd_ray import checkpoint as ckpt
+    from mkd_ray.config import config_from_dict
+    from mkd_ray.engine import evaluate_checkpoint
+
+    source = Path(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not source.exists():
+            if not re.fullmatch(r"[0-9a-f]{32}", args.checkpoint):
+                raise ckpt.CheckpointError(f"checkpoint {args.checkpoint} does not exist (and is not an MLflow run id)")
+            from mkd_ray.tracking import download_checkpoint
+
+            source = download_checkpoint(args.checkpoint, Path(tmp))
+        state = ckpt.load_state(source)
+    saved = ckpt.checkpoint_config(state)
+    overrides = list(args.overrides) + ([f"eval.mode={args.mode}"] if args.mode else [])
+    cfg = load_config(args.pipeline, overrides) if args.pipeline else config_from_dict(saved.to_dict(), overrides)
+    ckpt.check_compatible(saved, cfg, str(args.checkpoint))
+    result = evaluate_checkpoint(state, cfg, args.save_predictions)
+    if args.summary:
+        args.summary.write_text(json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
     return 0
 
 
@@ -97,9 +136,9 @@ def cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
     try:
         return handler(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig
-from mkd_ray.data.sources import ExperimentData, ensure_synthetic, resolve_data
+from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
 from mkd_ray.data.torch_data import endless_loader, eval_batches
-from mkd_ray.evaluate import evaluate, normalize
+from mkd_ray.data.io import save_mask
+from mkd_ray.evaluate import center_box, evaluate, normalize
 from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.models import build_model
@@ -28,6 +30,10 @@ def resolve_device(cfg: ExperimentConfig) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and cfg.scaling.use_gpu and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def build_method(cfg: ExperimentConfig) -> MutualKD:
@@ -135,6 +141,7 @@ def train_local(
     torch.manual_seed(cfg.train.seed)
     ensure_synthetic(cfg, log)
     data = data or resolve_data(cfg)
+    check_masks(cfg, data)
     device = resolve_device(cfg)
     method = build_method(cfg).to(device)
     if cfg.train.channels_last:
@@ -181,4 +188,37 @@ def train_local(
     result["seconds_per_iter"] = result["seconds"] / max(last_step - start_step, 1)
     result["history"] = history
     result["method"] = method
+    return result
+
+
+def evaluate_checkpoint(
+    state: dict,
+    cfg: ExperimentConfig,
+    save_predictions: Optional[Path] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Score a checkpoint on the validation split of `cfg`; optionally write one palette PNG
+    per image (original size; outside a centre crop: 255) with the class ids the metric used."""
+    method = build_method(cfg)
+    ckpt.restore(state, method)
+    device = resolve_device(cfg)
+    method.to(device)
+    data = resolve_data(cfg)
+    on_prediction = None
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+
+        def on_prediction(batch, pred):
+            for name, mask, p in zip(batch["name"], batch["mask"], pred.cpu().numpy()):
+                full = np.full(mask.shape, cfg.data.ignore_index, dtype=np.uint8)
+                top, left, h, w = center_box(*mask.shape, cfg.data.crop_size) if cfg.eval.mode == "center" else (0, 0, *mask.shape)
+                full[top : top + h, left : left + w] = p
+                save_mask(full, save_predictions / f"{name}.png")
+
+    meter = run_evaluation(method, cfg, eval_batches(data.val, cfg, cfg.data.val_batch_size), device, on_prediction)
+    names = cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
+    result = {"val/miou": meter.miou(), **{f"val/iou/{n}": v for n, v in zip(names, meter.per_class())}, "step": int(state["step"])}
+    log(f"val mIoU {result['val/miou']:.2f} ({cfg.eval.mode}, {cfg.eval.model}, step {result['step']})")
+    for name, value in zip(names, meter.per_class()):
+        log(f"  {name:>16s} {value:6.2f}")
     return result

@@ -88,3 +88,32 @@ def test_cli_data_synth_and_splits(tmp_path):
     assert (tmp_path / "splits/1_4/labeled.txt").read_text().count("\n") == 8
     assert (tmp_path / "splits/5/unlabeled.txt").read_text().count("\n") == 27
     assert (tmp_path / "splits/val.txt").read_text().count("\n") == 8
+
+
+def test_cli_eval_scores_a_checkpoint_and_writes_predictions(tiny_overrides, tmp_path):
+    sets = [a for o in tiny_overrides + ["train.iters=4", "train.eval_interval=4"] for a in ("--set", o)]
+    train = subprocess.run([sys.executable, "run.py", "train", "--local", "--name", "tiny", "--storage", str(tmp_path / "runs"),
+                            "--summary", str(tmp_path / "train.json"), *sets], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    out = tmp_path / "pred"
+    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", str(tmp_path / "runs" / "tiny"),
+                           "--save-predictions", str(out), "--summary", str(tmp_path / "eval.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    trained, scored = json.loads((tmp_path / "train.json").read_text()), json.loads((tmp_path / "eval.json").read_text())
+    assert scored["val/miou"] == pytest.approx(trained["val/miou"])
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", tiny_overrides)
+    val = resolve_data(cfg).val
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(r.name for r in val)
+    first = load_mask(out / f"{val[0].name}.png")
+    assert first.shape == load_mask(val[0].mask).shape and first.max() < 5
+
+
+def test_cli_eval_refuses_missing_and_foreign_checkpoints(tmp_path):
+    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", str(tmp_path / "nope")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", str(tmp_path / "junk.pt")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot be read safely" in proc.stderr

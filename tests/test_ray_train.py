@@ -1,10 +1,16 @@
 """Ray Train engine against a real local Ray cluster (no mocks)."""
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
 
+import mlflow
 import pytest
 import ray
 import torch
+from mlflow.tracking import MlflowClient
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import load_config
@@ -16,6 +22,14 @@ from mkd_ray.train.trainer import fit
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +47,15 @@ def _cfg(tiny_overrides, *extra):
         "scaling.cpus_per_worker=0.5", *extra])
 
 
-def test_bad_dataset_fails_before_ray_work(tiny_overrides, tmp_path):
+def test_bad_dataset_fails_before_ray_work(tiny_overrides, tmp_path, mlflow_uri):
     cfg = _cfg(tiny_overrides, f"data.root={tmp_path / 'nowhere'}", "data.dataset=folder")
     with pytest.raises(DatasetError, match="nowhere"):
         fit(cfg, name="bad", storage_path=tmp_path)
 
 
-def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_cluster, tiny_overrides, tmp_path):
+def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
     cfg = _cfg(tiny_overrides, "scaling.num_workers=2")
-    result = fit(cfg, name="ddp", storage_path=tmp_path)
+    result, run_id = fit(cfg, name="ddp", storage_path=tmp_path, experiment="ddp-test")
     metrics = result.metrics
     assert metrics["step"] == 6
     assert metrics["ddp/max_param_diff"] == 0.0  # DDP averaged the gradients on both ranks
@@ -62,14 +76,61 @@ def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_clus
         torch.set_num_threads(threads)
     assert metrics["val/miou"] == pytest.approx(halves[0].merge(halves[1]).miou(), abs=1e-9)
     assert metrics["val/miou"] == pytest.approx(whole.miou(), abs=0.1)
+    _check_mlflow_run(run_id, metrics)
+    # `eval` by MLflow run id downloads the logged model and scores it the same way.
+    summary = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", run_id, "--summary", str(summary)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(summary.read_text())["val/miou"] == pytest.approx(whole.miou(), abs=1e-6)
 
 
-def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path):
-    straight = fit(_cfg(tiny_overrides), name="straight", storage_path=tmp_path)
-    stopped = fit(_cfg(tiny_overrides, "train.stop_at=3"), name="resumed", storage_path=tmp_path)
+def _check_mlflow_run(run_id, metrics):
+    client = MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["ddp-test"], output_format="list")
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "mkd" and run.data.params["scaling.num_workers"] == "2"
+    assert {"git_commit", "dataset", "split", "method"} <= set(run.data.tags)
+    loss = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in loss] == [3, 6]
+    assert client.get_metric_history(run_id, "val/miou")[-1].value == pytest.approx(metrics["val/miou"])
+    assert len(client.get_metric_history(run_id, "val/iou/background")) == 1
+    names = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"config.yaml", "eval/iou_step_00000006.csv", "eval/overlay_step_00000006.png", "model"} <= names
+    table = mlflow.artifacts.load_text(f"runs:/{run_id}/eval/iou_step_00000006.csv")
+    assert table.splitlines()[0] == "class,iou" and len(table.splitlines()) == 6
+
+
+def test_failed_run_is_marked_failed_with_the_reason(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_overrides_root(tiny_overrides), root)
+    for line in (root / "splits/1_8/labeled.txt").read_text().splitlines()[:1]:
+        (root / line.split()[0]).write_bytes(b"\xff\xd8 truncated jpeg")
+    cfg = _cfg(tiny_overrides, f"data.root={root}", "train.iters=2")
+    with pytest.raises(Exception):
+        fit(cfg, name="broken", storage_path=tmp_path / "runs", experiment="failing")
+    (run,) = mlflow.search_runs(experiment_names=["failing"], output_format="list")
+    assert run.info.status == "FAILED"
+    assert "cannot read image" in run.data.tags["failure_reason"]
+
+
+def tiny_overrides_root(overrides):
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("data.root="))
+
+
+def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
+    straight, _ = fit(_cfg(tiny_overrides), name="straight", storage_path=tmp_path)
+    stopped, first_id = fit(_cfg(tiny_overrides, "train.stop_at=3"), name="resumed", storage_path=tmp_path)
     assert stopped.metrics["step"] == 3
-    resumed = fit(_cfg(tiny_overrides), name="resumed", storage_path=tmp_path)
+    resumed, second_id = fit(_cfg(tiny_overrides), name="resumed", storage_path=tmp_path)
     assert resumed.metrics["step"] == 6
+    assert first_id == second_id  # one MLflow run continues across the restart
+    steps = [m.step for m in MlflowClient().get_metric_history(second_id, "train/loss")]
+    assert steps == [3, 6]
     a = ckpt.load_state(straight.checkpoint.path)["method"]
     b = ckpt.load_state(resumed.checkpoint.path)["method"]
     for key in a:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mkd_ray.config import ExperimentConfig
 from mkd_ray.data import synthetic
-from mkd_ray.data.io import DatasetError, SampleRef, read_split_file
+from mkd_ray.data.io import DatasetError, SampleRef, load_mask, read_split_file
 
 
 @dataclass
@@ -48,3 +48,10 @@ def resolve_data(cfg: ExperimentConfig) -> ExperimentData:
         raise DatasetError(f"{split / 'unlabeled.txt'} is missing or empty; method {cfg.method.name!r} needs unlabeled images")
     val = read_split_file(cfg.splits_dir / "val.txt", root)
     return ExperimentData(labeled, unlabeled, val)
+
+
+def check_masks(cfg: ExperimentConfig, data: ExperimentData) -> None:
+    """Read every labeled and validation mask once, so a bad class id stops the run before
+    any training starts (unlabeled masks are only diagnostics and are checked as they stream)."""
+    for ref in [*data.labeled, *data.val]:
+        load_mask(ref.mask, cfg.data.num_classes, cfg.data.ignore_index)

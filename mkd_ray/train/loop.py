@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -19,11 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig, config_from_dict
+from mkd_ray.data.io import voc_palette
 from mkd_ray.data.sources import resolve_data
 from mkd_ray.data.torch_data import endless_loader, eval_batches
 from mkd_ray.engine import ProgressMeter, build_method, run_evaluation, to_batch
 from mkd_ray.method import build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
+from mkd_ray.tracking import RunLogger, iou_table, overlay_grid
 
 
 def _is_report_step(step: int, cfg: ExperimentConfig) -> bool:
@@ -86,10 +89,26 @@ def _evaluate_sharded(method, cfg: ExperimentConfig, data, device, rank: int, wo
     return meter
 
 
+def _log_evaluation(logger: RunLogger, method, cfg: ExperimentConfig, data, device, ious: list[float], step: int) -> None:
+    """Per-class IoU table and prediction overlays on a fixed handful of validation images."""
+    logger.text(iou_table(_class_names(cfg), ious), f"eval/iou_step_{step:08d}.csv")
+    shown = next(eval_batches(data.val[:_OVERLAY_IMAGES], cfg, _OVERLAY_IMAGES))
+    predictions = []
+    run_evaluation(method, cfg, [shown], device, on_prediction=lambda _, pred: predictions.append(pred.cpu()))
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    grid = overlay_grid(shown["image"].numpy(), predictions[0].numpy(), shown["mask"].numpy(), palette)
+    logger.image(grid, f"eval/overlay_step_{step:08d}.png")
+
+
+_OVERLAY_IMAGES = 4
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    mlflow_run = loop_config.get("mlflow")
+    logger = RunLogger(mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run and rank == 0 else None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -134,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             values = meter.summary(step)
             values["data_wait_fraction"] = data_wait / max(values["seconds_per_iter"] * cfg.train.log_interval, 1e-9)
             data_wait = 0.0
-            metrics.update({f"train/{k}": v for k, v in values.items()})
+            metrics.update({f"train/{k}": v for k, v in values.items() if k != "eta_s"})
             if rank == 0:
                 print(ProgressMeter.line(step, cfg.train.iters, values), flush=True)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
@@ -144,6 +163,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update(_consistency_metrics(method, seen_draws, world))
             if rank == 0:
                 print(f"step {step}: val mIoU {metrics['val/miou']:.2f}", flush=True)
+            if logger:
+                _log_evaluation(logger, method, cfg, data, device, iou.per_class(), step)
+        if logger:
+            logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         interval = cfg.train.checkpoint_interval
         if (interval and step % interval == 0) or step == last_step:
             _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank, step)

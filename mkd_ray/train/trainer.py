@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +10,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from mkd_ray import tracking
 from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
-from mkd_ray.data.sources import ExperimentData, ensure_synthetic, resolve_data
+from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
+from mkd_ray.engine import default_run_name
 from mkd_ray.train.loop import train_loop_per_worker
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -36,11 +37,10 @@ def latest_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def default_run_name(cfg: ExperimentConfig) -> str:
-    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def build_trainer(cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: Path, max_failures: int = 2) -> TorchTrainer:
+def build_trainer(
+    cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: Path, mlflow_run: Optional[dict] = None,
+    max_failures: int = 2,
+) -> TorchTrainer:
     """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here)."""
     storage_path = Path(storage_path).resolve()
     workers = max(cfg.scaling.num_workers, 1)
@@ -53,7 +53,7 @@ def build_trainer(cfg: ExperimentConfig, data: ExperimentData, name: str, storag
         )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "mlflow": mlflow_run},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -77,11 +77,32 @@ def _ordered_ingest():
     return options
 
 
-def fit(cfg: ExperimentConfig, name: Optional[str] = None, storage_path: Path = Path("runs"), address: Optional[str] = None):
-    """Train on Ray; a run started again with the same `name` resumes from its last checkpoint."""
+def fit(
+    cfg: ExperimentConfig,
+    name: Optional[str] = None,
+    storage_path: Path = Path("runs"),
+    address: Optional[str] = None,
+    experiment: Optional[str] = None,
+):
+    """Train on Ray, recorded as one MLflow run; a run started again with the same `name`
+    resumes from its last checkpoint and continues the same MLflow run.
+
+    Returns (Ray Train Result, MLflow run id).
+    """
     name = name or default_run_name(cfg)
     cfg = with_absolute_paths(cfg)
     ensure_synthetic(cfg)
     data = resolve_data(cfg)  # every listed file exists: fail here, before Ray starts
-    connect(address)
-    return build_trainer(cfg, data, name, storage_path).fit()
+    check_masks(cfg, data)
+    logger = tracking.open_run(cfg, experiment or cfg.name, name)
+    try:
+        connect(address)
+        mlflow_run = {"uri": tracking.tracking_uri(), "run_id": logger.run_id}
+        result = build_trainer(cfg, data, name, storage_path, mlflow_run).fit()
+        if result.checkpoint is not None:
+            logger.file(Path(result.checkpoint.path) / "state.pt", "model")
+    except BaseException as exc:
+        tracking.close_run(logger, exc)
+        raise
+    tracking.close_run(logger)
+    return result, logger.run_id

@@ -1,0 +1,125 @@
+"""MLflow at the edge: one run per `train`, written through MlflowClient with explicit run ids.
+
+The driver creates (or, for a resumed run name, reopens) the run and logs the config; rank 0
+of the training workers logs metric histories and evaluation artifacts into it by id; the
+driver closes it as FINISHED or FAILED. No global "active run" state is used anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from mkd_ray.config import ExperimentConfig
+
+RUN_NAME_TAG = "mkd_ray.run_name"
+_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite store in the working directory (absolute, so every
+    process of a local cluster writes to the same file)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+class RunLogger:
+    """Logs into one MLflow run by id; cheap to create in any process."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def image(self, image: np.ndarray, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file)
+
+    def file(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def open_run(cfg: ExperimentConfig, experiment: str, run_name: str, uri: Optional[str] = None) -> RunLogger:
+    """The MLflow run for `run_name`: reopened if a run of that name exists (a resume), else new,
+    with the flattened config as params and tags for commit, dataset, split and method."""
+    uri = uri or tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return RunLogger(uri, run_id)
+    tags = {
+        RUN_NAME_TAG: run_name,
+        "mlflow.runName": run_name,
+        "git_commit": git_commit(),
+        "dataset": cfg.data.dataset,
+        "split": cfg.data.split,
+        "method": cfg.method.name,
+    }
+    run = client.create_run(experiment_id, tags=tags, run_name=run_name)
+    params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), _BATCH):
+        client.log_batch(run.info.run_id, params=params[i : i + _BATCH])
+    client.log_text(run.info.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    return RunLogger(uri, run.info.run_id)
+
+
+def close_run(logger: RunLogger, error: Optional[BaseException] = None) -> None:
+    if error is None:
+        logger.client.set_terminated(logger.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return
+    reason = f"{type(error).__name__}: {error}"[:5000]
+    logger.client.log_batch(logger.run_id, tags=[RunTag("failure_reason", reason)])
+    logger.client.set_terminated(logger.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def iou_table(class_names: list[str], ious: list[float]) -> str:
+    lines = ["class,iou"] + [f"{name},{iou:.4f}" for name, iou in zip(class_names, ious)]
+    return "\n".join(lines) + "\n"
+
+
+def overlay_grid(images: np.ndarray, preds: np.ndarray, masks: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Rows of (image | prediction | ground truth) for a few validation images, as uint8 HxWx3."""
+    rows = []
+    for image, pred, mask in zip(images, preds, masks):
+        rows.append(np.concatenate([image.transpose(1, 2, 0), palette[pred], palette[mask]], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+
+def download_checkpoint(run_id: str, destination: Path, uri: Optional[str] = None) -> Path:
+    """The final model (`model/state.pt`) logged with an MLflow run."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/state.pt",
+                                                    dst_path=str(destination), tracking_uri=uri or tracking_uri()))
