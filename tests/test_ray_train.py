@@ -135,3 +135,19 @@ def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path
     b = ckpt.load_state(resumed.checkpoint.path)["method"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_ray_data_stream_matches_the_local_loader(ray_cluster, tiny_overrides):
+    from mkd_ray.data.ray_data import unlabeled_dataset
+    from mkd_ray.data.torch_data import endless_loader
+
+    cfg = _cfg(tiny_overrides)
+    refs = resolve_data(cfg).unlabeled
+    stream = unlabeled_dataset(cfg, refs, start_draw=16, num_draws=16)
+    ray_batches = list(stream.iter_torch_batches(batch_size=8, device="cpu"))
+    local = iter(endless_loader(refs, cfg, False, 8, start_step=2))
+    for ray_batch in ray_batches:
+        local_batch = next(local)
+        for key in ("weak", "strong", "ignore", "cutmix", "mask"):
+            assert torch.equal(ray_batch[key], local_batch[key].to(ray_batch[key].dtype)), key
+    assert ray_batches[0]["draw"].tolist() == list(range(16, 24))

@@ -9,6 +9,8 @@ Decoding and all augmentation (weak view, strong view, CutMix box, padding mask)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import ray
 
@@ -19,35 +21,26 @@ from mkd_ray.data.torch_data import TrainSet, draw_key, unlabeled_seed
 VIEW_COLUMNS = ("weak", "strong", "ignore", "cutmix", "mask")
 
 
-def _views(batch: dict[str, np.ndarray], refs: list[tuple[str, str | None]], config: dict, seed: int) -> dict[str, np.ndarray]:
+def _views(batch: dict[str, np.ndarray], refs: list[tuple[str, str | None]], config: dict, seed: int, offset: int) -> dict[str, np.ndarray]:
+    """Rows of draw numbers (relative to `offset`) -> decoded, augmented unlabeled samples."""
     cfg = config_from_dict(config)
-    dataset = TrainSet([SampleRef(*map(_path, ref)) for ref in refs], cfg, labeled=False)
-    samples = [dataset[draw_key(g, len(refs), seed)] for g in batch["id"]]
+    dataset = TrainSet([SampleRef(Path(image), Path(mask) if mask else None) for image, mask in refs], cfg, labeled=False)
+    draws = np.asarray(batch["id"], dtype=np.int64) + offset
+    samples = [dataset[draw_key(g, len(refs), seed)] for g in draws]
     out = {col: np.stack([s[col] for s in samples]) for col in VIEW_COLUMNS}
     # Booleans travel as uint8 (Arrow tensor columns); the training loop turns them back.
     out["ignore"] = out["ignore"].astype(np.uint8)
     out["cutmix"] = out["cutmix"].astype(np.uint8)
-    out["draw"] = np.asarray(batch["id"], dtype=np.int64)
+    out["draw"] = draws
     return out
-
-
-def _path(value):
-    from pathlib import Path
-
-    return Path(value) if value is not None else None
 
 
 def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: int, num_draws: int) -> "ray.data.Dataset":
     """Draws [start_draw, start_draw + num_draws) of the unlabeled stream, decoded and augmented."""
     plain_refs = [(str(r.image), str(r.mask) if r.mask is not None else None) for r in refs]
     return ray.data.range(num_draws).map_batches(
-        _offset_then_views,
+        _views,
         batch_size=max(cfg.data.unlabeled_batch_size, 16),
         batch_format="numpy",
         fn_kwargs={"refs": plain_refs, "config": cfg.to_dict(), "seed": unlabeled_seed(cfg), "offset": start_draw},
     )
-
-
-def _offset_then_views(batch, refs, config, seed, offset):
-    batch = {"id": batch["id"] + offset}
-    return _views(batch, refs, config, seed)
