@@ -62,7 +62,8 @@ def test_method_options_run(tiny_overrides, extra):
 def test_cli_train_local_writes_summary(tiny_overrides, tmp_path):
     summary = tmp_path / "summary.json"
     sets = [a for o in tiny_overrides + ["train.iters=4", "train.eval_interval=4"] for a in ("--set", o)]
-    proc = subprocess.run([sys.executable, "run.py", "train", "--local", "--summary", str(summary), *sets],
+    proc = subprocess.run([sys.executable, "run.py", "train", "--local", "--summary", str(summary),
+                           "--storage", str(tmp_path / "runs"), *sets],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "final val mIoU" in proc.stdout
