@@ -118,3 +118,20 @@ def test_cli_eval_refuses_missing_and_foreign_checkpoints(tmp_path):
     proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", str(tmp_path / "junk.pt")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot be read safely" in proc.stderr
+
+
+def test_bad_mask_stops_the_run_before_training_and_writes_nothing(tiny_overrides, tmp_path):
+    import shutil
+
+    from mkd_ray.data.io import DatasetError, save_mask
+
+    root = tmp_path / "data"
+    shutil.copytree(next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("data.root=")), root)
+    first = (root / "splits/1_8/labeled.txt").read_text().split()[1]
+    mask = load_mask(root / first)
+    mask[0, 0] = 9
+    save_mask(mask, root / first)
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", tiny_overrides + [f"data.root={root}"])
+    with pytest.raises(DatasetError, match=rf"{first.split('/')[-1]}.*\[9\]"):
+        train_local(cfg, log=lambda *_: None, checkpoint_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
