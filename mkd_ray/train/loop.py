@@ -39,13 +39,24 @@ def _is_report_step(step: int, cfg: ExperimentConfig) -> bool:
     )
 
 
-def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set):
+def draws_per_step(cfg: ExperimentConfig) -> int:
+    """Unlabeled draws the whole worker group consumes per step."""
+    return max(cfg.scaling.num_workers, 1) * cfg.data.unlabeled_batch_size
+
+
+def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int):
+    """This rank's unlabeled batches from draw `first_draw` on. The trainer starts the stream
+    at the draw of the checkpoint Ray restores (both read Ray's checkpoint record); draws
+    before `first_draw`, should the stream start earlier, are skipped."""
     shard = ray.train.get_dataset_shard("unlabeled")
     for batch in shard.iter_torch_batches(batch_size=cfg.data.unlabeled_batch_size, drop_last=True, device="cpu"):
+        if int(batch["draw"].min()) < first_draw:
+            continue
         batch["ignore"] = batch["ignore"].bool()
         batch["cutmix"] = batch["cutmix"].bool()
+        draws = batch.pop("draw")
         if len(seen_draws) < _MAX_TRACKED_DRAWS:
-            seen_draws.update(batch.pop("draw").tolist())
+            seen_draws.update(draws.tolist())
         yield batch
 
 
@@ -131,7 +142,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step, rank=rank))
     seen_draws: set = set()
-    unlabeled = _unlabeled_batches(cfg, seen_draws) if method.uses_unlabeled else None
+    first_draw = start_step * draws_per_step(cfg)
+    unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None
     images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
     meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
     data_wait = 0.0

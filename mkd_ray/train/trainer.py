@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -15,9 +17,10 @@ from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
 from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
 from mkd_ray.engine import default_run_name
-from mkd_ray.train.loop import train_loop_per_worker
+from mkd_ray.train.loop import draws_per_step, train_loop_per_worker
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
 
 
 def connect(address: Optional[str] = None) -> None:
@@ -32,9 +35,15 @@ def connect(address: Optional[str] = None) -> None:
 
 
 def latest_step(run_dir: Path) -> int:
-    """The step of the newest complete checkpoint of a run (0 if none): where a resumed run starts."""
-    steps = [int(m.group(1)) for p in Path(run_dir).glob("step_*") if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").is_file()]
-    return max(steps, default=0)
+    """The step of the checkpoint Ray Train will restore for this run (0 if none), read from
+    the checkpoint manager's snapshot: the same record `ray.train.get_checkpoint()` uses, so
+    the unlabeled stream and the restored weights agree, also after a worker-group restart."""
+    snapshot = Path(run_dir) / _SNAPSHOT
+    if not snapshot.is_file():
+        return 0
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    match = _STEP_DIR.match(latest.get("checkpoint_dir_name", ""))
+    return int(match.group(1)) if match else 0
 
 
 def build_trainer(
@@ -43,14 +52,11 @@ def build_trainer(
 ) -> TorchTrainer:
     """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here)."""
     storage_path = Path(storage_path).resolve()
-    workers = max(cfg.scaling.num_workers, 1)
-    start = latest_step(storage_path / name)
-    draws_per_step = workers * cfg.data.unlabeled_batch_size
     datasets = {}
     if data.unlabeled and cfg.method.name != "supervised":
-        datasets["unlabeled"] = unlabeled_dataset(
-            cfg, data.unlabeled, start_draw=start * draws_per_step, num_draws=max(cfg.train.iters - start, 1) * draws_per_step
-        )
+        # A factory: Ray Train calls it each time the worker group starts, so a group restarted
+        # after a failure streams from its checkpoint's draw, not from the run's beginning.
+        datasets["unlabeled"] = functools.partial(_unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage_path / name)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow": mlflow_run},
@@ -68,6 +74,12 @@ def build_trainer(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=_ordered_ingest()),
     )
+
+
+def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: Path):
+    start = latest_step(run_dir)
+    per_step = draws_per_step(cfg)
+    return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step)
 
 
 def _ordered_ingest():
