@@ -453,7 +453,3 @@ def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Expe
     if model.pretrained not in (None, "imagenet"):
         model = dataclasses.replace(model, pretrained=absolute(model.pretrained))
     return dataclasses.replace(cfg, data=data, model=model)
-
-
-def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -43,7 +43,3 @@ class MeanIoU:
     def miou(self) -> float:
         """Mean IoU in percent over the classes whose union is non-zero."""
         return 100.0 * torch.nanmean(iou_per_class(self.matrix)).item()
-
-    def pixel_accuracy(self) -> float:
-        total = self.matrix.sum().item()
-        return 100.0 * self.matrix.diag().sum().item() / total if total else math.nan

@@ -125,9 +125,6 @@ class MutualKD(nn.Module):
         """Run the students' forward through wrappers (e.g. DistributedDataParallel)."""
         self._student_calls = [wrap(s) for s in self.students]
 
-    def student_parameters(self) -> list[nn.Parameter]:
-        return [p for s in self.students for p in s.parameters()]
-
     def train(self, mode: bool = True) -> "MutualKD":
         super().train(mode)
         for teacher in self.teachers:
