@@ -64,6 +64,11 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
+    @property
+    def names(self) -> list[str]:
+        """Class names, or the class ids as text when none are configured."""
+        return self.class_names or [str(i) for i in range(self.num_classes)]
+
 
 @dataclass
 class CutMixConfig:
@@ -154,6 +159,15 @@ class TrainConfig:
     channels_last: bool = False
     # Torch intra-op threads in the training process (0 = torch's default).
     threads: int = field(default=0, metadata=_range(0))
+
+    @property
+    def last_step(self) -> int:
+        """The step this invocation ends at (`stop_at`, else `iters`)."""
+        return min(self.iters, self.stop_at or self.iters)
+
+    def checkpoint_due(self, step: int) -> bool:
+        interval = self.checkpoint_interval
+        return bool(interval and step % interval == 0) or step == self.last_step
 
 
 @dataclass

@@ -164,7 +164,7 @@ def train_local(
     history: list[dict] = []
     result: dict = {}
     start = time.perf_counter()
-    last_step = min(cfg.train.iters, cfg.train.stop_at or cfg.train.iters)
+    last_step = cfg.train.last_step
     for step in range(start_step + 1, last_step + 1):
         batch = to_batch(next(labeled), next(unlabeled) if unlabeled else None, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
@@ -181,8 +181,7 @@ def train_local(
             log(f"step {step}: val mIoU {result['val/miou']:.2f}")
             if on_metrics:
                 on_metrics(step, {"val/miou": result["val/miou"]})
-        interval = cfg.train.checkpoint_interval
-        if checkpoint_dir is not None and ((interval and step % interval == 0) or step == last_step):
+        if checkpoint_dir is not None and cfg.train.checkpoint_due(step):
             ckpt.save_checkpoint(checkpoint_dir, cfg, method, optimizer, scheduler)
     result["seconds"] = time.perf_counter() - start
     result["seconds_per_iter"] = result["seconds"] / max(last_step - start_step, 1)
@@ -216,7 +215,7 @@ def evaluate_checkpoint(
                 save_mask(full, save_predictions / f"{name}.png")
 
     meter = run_evaluation(method, cfg, eval_batches(data.val, cfg, cfg.data.val_batch_size), device, on_prediction)
-    names = cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
+    names = cfg.data.names
     result = {"val/miou": meter.miou(), **{f"val/iou/{n}": v for n, v in zip(names, meter.per_class())}, "step": int(state["step"])}
     log(f"val mIoU {result['val/miou']:.2f} ({cfg.eval.mode}, {cfg.eval.model}, step {result['step']})")
     for name, value in zip(names, meter.per_class()):

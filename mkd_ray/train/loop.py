@@ -31,12 +31,7 @@ from mkd_ray.tracking import RunLogger, iou_table, overlay_grid
 
 def _is_report_step(step: int, cfg: ExperimentConfig) -> bool:
     t = cfg.train
-    return (
-        step % t.log_interval == 0
-        or step % t.eval_interval == 0
-        or (t.checkpoint_interval and step % t.checkpoint_interval == 0)
-        or step == t.iters
-    )
+    return step % t.log_interval == 0 or step % t.eval_interval == 0 or t.checkpoint_due(step)
 
 
 def draws_per_step(cfg: ExperimentConfig) -> int:
@@ -102,7 +97,7 @@ def _evaluate_sharded(method, cfg: ExperimentConfig, data, device, rank: int, wo
 
 def _log_evaluation(logger: RunLogger, method, cfg: ExperimentConfig, data, device, ious: list[float], step: int) -> None:
     """Per-class IoU table and prediction overlays on a fixed handful of validation images."""
-    logger.text(iou_table(_class_names(cfg), ious), f"eval/iou_step_{step:08d}.csv")
+    logger.text(iou_table(cfg.data.names, ious), f"eval/iou_step_{step:08d}.csv")
     shown = next(eval_batches(data.val[:_OVERLAY_IMAGES], cfg, _OVERLAY_IMAGES))
     predictions = []
     run_evaluation(method, cfg, [shown], device, on_prediction=lambda _, pred: predictions.append(pred.cpu()))
@@ -148,7 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
     data_wait = 0.0
 
-    last_step = min(cfg.train.iters, cfg.train.stop_at or cfg.train.iters)
+    last_step = cfg.train.last_step
     for step in range(start_step + 1, last_step + 1):
         waited_from = time.perf_counter()
         unlabeled_batch = next(unlabeled) if unlabeled else None
@@ -157,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch = to_batch(labeled_batch, unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics)
-        if not _is_report_step(step, cfg) and step != last_step:
+        if not _is_report_step(step, cfg):
             continue
         _broadcast_buffers(method, world)
         metrics = {"step": step}
@@ -171,7 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
             iou = _evaluate_sharded(method, cfg, data, device, rank, world)
             metrics["val/miou"] = iou.miou()
-            metrics.update({f"val/iou/{name}": v for name, v in zip(_class_names(cfg), iou.per_class())})
+            metrics.update({f"val/iou/{name}": v for name, v in zip(cfg.data.names, iou.per_class())})
             metrics.update(_consistency_metrics(method, seen_draws, world))
             if rank == 0:
                 print(f"step {step}: val mIoU {metrics['val/miou']:.2f}", flush=True)
@@ -179,8 +174,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _log_evaluation(logger, method, cfg, data, device, iou.per_class(), step)
         if logger:
             logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
-        interval = cfg.train.checkpoint_interval
-        if (interval and step % interval == 0) or step == last_step:
+        if cfg.train.checkpoint_due(step):
             _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank, step)
         else:
             ray.train.report(metrics)
@@ -193,8 +187,3 @@ def _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank: in
             ckpt.save_checkpoint(Path(tmp), cfg, method, optimizer, scheduler)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
-
-
-def _class_names(cfg: ExperimentConfig) -> list[str]:
-    return cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
-
