@@ -47,6 +47,9 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     dataset: Literal["synthetic", "voc", "cityscapes", "folder"] = "synthetic"
+    # "folder": image files under `root`; "parquet": `root` is a pack written by
+    # `run.py data pack`, a local path or any pyarrow URI (s3://, gs://, file://).
+    format: Literal["folder", "parquet"] = "folder"
     root: str = "data/synthetic"
     # A split name under `splits_dir`, or a folder holding labeled.txt / unlabeled.txt.
     split: str = "1_16"
@@ -202,17 +205,6 @@ class ExperimentConfig:
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, e.g. for MLflow params."""
         return flatten(self.to_dict())
-
-    @property
-    def splits_dir(self) -> Path:
-        return Path(self.data.splits_dir) if self.data.splits_dir else Path(self.data.root) / "splits"
-
-    @property
-    def split_dir(self) -> Path:
-        split = Path(self.data.split)
-        if (split / "labeled.txt").is_file():
-            return split
-        return self.splits_dir / self.data.split
 
 
 # ----------------------------------------------------------------------------- building
@@ -458,7 +450,7 @@ def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Expe
     base = Path.cwd() if base is None else Path(base)
 
     def absolute(value: Optional[str]) -> Optional[str]:
-        return None if value is None else str((base / value).resolve())
+        return value if value is None or "://" in value else str((base / value).resolve())
 
     data = dataclasses.replace(cfg.data, root=absolute(cfg.data.root), splits_dir=absolute(cfg.data.splits_dir))
     if (base / cfg.data.split / "labeled.txt").is_file():

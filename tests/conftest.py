@@ -61,3 +61,13 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(synthetic_root) -> list[str]:
     return TINY + [f"data.root={synthetic_root}"]
+
+
+@pytest.fixture(scope="session")
+def packed_uri(synthetic_root, tmp_path_factory) -> str:
+    """The synthetic dataset as a Parquet pack, addressed by a file:// URI as a cluster would."""
+    from mkd_ray.data.packed import write_pack
+
+    out = tmp_path_factory.mktemp("pack") / "synthetic"
+    write_pack(synthetic_root, synthetic_root / "splits", f"file://{out}", rows_per_file=40)
+    return f"file://{out}"

@@ -44,6 +44,7 @@ BAD = [
     ("data.labeled_batch_size=0", "data.labeled_batch_size", "inf"),
     ("data.num_classes=1", "data.num_classes", r"\[2"),
     ("data.dataset=coco", "data.dataset", "'voc'"),
+    ("data.format=zip", "data.format", "'parquet'"),
     ("data.class_names=[a,b]", "data.class_names", "data.num_classes"),
     ("data.ignore_index=3", "data.ignore_index", "collides"),
     ("model.backbone=vgg16", "model.backbone", "'resnet50'"),

@@ -128,6 +128,49 @@ def test_resolve_data_reports_missing_pieces(tmp_path, synthetic_root, tiny_over
         resolve_data(load_config(None, tiny_overrides + ["data.split=1_3"]))
 
 
+# ----------------------------------------------------------------------------- Parquet packs
+
+
+def test_a_pack_serves_the_same_samples_as_its_folder(tiny_overrides, packed_uri):
+    from mkd_ray.data.torch_data import EvalSet, TrainSet
+
+    folder_cfg = load_config(None, tiny_overrides)
+    packed_cfg = load_config(None, tiny_overrides + ["data.format=parquet", f"data.root={packed_uri}"])
+    folder, pack = resolve_data(folder_cfg), resolve_data(packed_cfg)
+    for role in ("labeled", "unlabeled", "val"):
+        assert [r.name for r in getattr(folder, role)] == [r.name for r in getattr(pack, role)]
+    assert all(r.packed is not None for r in pack.unlabeled)
+    for labeled, refs_f, refs_p in ((True, folder.labeled, pack.labeled), (False, folder.unlabeled, pack.unlabeled)):
+        for key in [(0, 0), (3, len(refs_f) - 1)]:
+            a, b = TrainSet(refs_f, folder_cfg, labeled)[key], TrainSet(refs_p, packed_cfg, labeled)[key]
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    a, b = EvalSet(folder.val, folder_cfg)[5], EvalSet(pack.val, packed_cfg)[5]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) and a["name"] == b["name"]
+
+
+def test_pack_cli_refuses_to_overwrite_and_bad_packs_are_named(tmp_path, synthetic_root, tiny_overrides):
+    from mkd_ray import cli
+    from mkd_ray.data import packed
+
+    out = tmp_path / "pack"
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    assert cli.main(["data", "pack", *sets, "--out", str(out), "--rows-per-file", "50"]) == 0
+    manifest = (out / "pack.json").read_text()
+    assert len(list(out.glob("part-*.parquet"))) == 4  # 160 samples, 50 a file
+    assert cli.main(["data", "pack", *sets, "--out", str(out)]) == 2  # not empty: refused
+    assert (out / "pack.json").read_text() == manifest
+
+    def packed_cfg(root, *extra):
+        return load_config(None, tiny_overrides + ["data.format=parquet", f"data.root={root}", *extra])
+
+    with pytest.raises(io.DatasetError, match="pack.json is missing"):
+        resolve_data(packed_cfg(synthetic_root))  # a folder dataset is not a pack
+    (out / "splits/1_8/labeled.txt").write_text("JPEGImages/nowhere.jpg SegmentationClass/nowhere.png\n")
+    packed.pack_index.cache_clear()
+    with pytest.raises(io.DatasetError, match=r"labeled.txt:1: JPEGImages/nowhere.jpg is not in the pack"):
+        resolve_data(packed_cfg(out))
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 

@@ -137,13 +137,17 @@ def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path
         assert torch.equal(a[key], b[key]), key
 
 
-def test_ray_data_stream_matches_the_local_loader(ray_cluster, tiny_overrides):
+@pytest.mark.parametrize("source", ["folder", "parquet"])
+def test_ray_data_stream_matches_the_local_loader(ray_cluster, tiny_overrides, packed_uri, source):
     from mkd_ray.data.ray_data import unlabeled_dataset
     from mkd_ray.data.torch_data import endless_loader
 
     cfg = _cfg(tiny_overrides)
     refs = resolve_data(cfg).unlabeled
-    stream = unlabeled_dataset(cfg, refs, start_draw=16, num_draws=16)
+    # The Ray stream reads the images from the folder or from the Parquet pack; the
+    # local loader always reads the folder.
+    stream_cfg = cfg if source == "folder" else _cfg(tiny_overrides, "data.format=parquet", f"data.root={packed_uri}")
+    stream = unlabeled_dataset(stream_cfg, resolve_data(stream_cfg).unlabeled, start_draw=16, num_draws=16)
     ray_batches = list(stream.iter_torch_batches(batch_size=8, device="cpu"))
     local = iter(endless_loader(refs, cfg, False, 8, start_step=2))
     for ray_batch in ray_batches:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -15,13 +16,31 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class PackedRow:
+    """Where a sample lives in a Parquet pack: a file (path or URI) and its row there."""
+
+    file: str
+    row_group: int
+    row: int
+
+
+@dataclass(frozen=True)
 class SampleRef:
-    image: Path
-    mask: Optional[Path]
+    """One sample: files in a folder, or (when `packed` is set) a row of a Parquet pack,
+    with `image` and `mask` as the relative paths the split files name."""
+
+    image: Union[Path, str]
+    mask: Union[Path, str, None]
+    packed: Optional[PackedRow] = None
 
     @property
     def name(self) -> str:
-        return self.image.stem
+        return Path(self.image).stem
+
+    def describe(self, field: str = "image") -> str:
+        """The file (or pack row) to name in an error message."""
+        where = self.image if field == "image" else self.mask
+        return f"{where} (in {self.packed.file})" if self.packed else str(where)
 
 
 def voc_palette() -> list[int]:
@@ -49,27 +68,47 @@ def save_mask(mask: np.ndarray, path: Path) -> None:
     image.save(path)
 
 
-def load_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB."""
+def load_image(source, label=None) -> np.ndarray:
+    """HxWx3 uint8 RGB from a path or a file-like object; `label` names it in errors."""
+    label = label or source
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
+        raise DatasetError(f"cannot read image {label}: {exc}") from None
 
 
-def load_mask(path: Path, num_classes: Optional[int] = None, ignore_index: int = 255) -> np.ndarray:
+def load_mask(source, num_classes: Optional[int] = None, ignore_index: int = 255, label=None) -> np.ndarray:
     """HxW uint8 class ids (palette indices for palette PNGs), checked against num_classes."""
+    label = label or source
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise DatasetError(f"mask {path} has mode {im.mode!r}; expected a palette or grayscale PNG of class ids")
+                raise DatasetError(f"mask {label} has mode {im.mode!r}; expected a palette or grayscale PNG of class ids")
             mask = np.array(im)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"cannot read mask {path}: {exc}") from None
+        raise DatasetError(f"cannot read mask {label}: {exc}") from None
     if num_classes is not None:
-        check_mask_ids(mask, num_classes, ignore_index, path)
+        check_mask_ids(mask, num_classes, ignore_index, label)
     return mask.astype(np.uint8)
+
+
+def read_image(ref: SampleRef) -> np.ndarray:
+    """The sample's image, from its file or its pack row."""
+    if ref.packed is None:
+        return load_image(ref.image)
+    from mkd_ray.data.packed import read_cell
+
+    return load_image(io.BytesIO(read_cell(ref.packed, "image")), ref.describe("image"))
+
+
+def read_mask(ref: SampleRef, num_classes: Optional[int] = None, ignore_index: int = 255) -> np.ndarray:
+    """The sample's mask (it must have one), from its file or its pack row."""
+    if ref.packed is None:
+        return load_mask(ref.mask, num_classes, ignore_index)
+    from mkd_ray.data.packed import read_cell
+
+    return load_mask(io.BytesIO(read_cell(ref.packed, "mask")), num_classes, ignore_index, ref.describe("mask"))
 
 
 def check_mask_ids(mask: np.ndarray, num_classes: int, ignore_index: int, path) -> None:
@@ -81,6 +120,22 @@ def check_mask_ids(mask: np.ndarray, num_classes: int, ignore_index: int, path) 
         )
 
 
+def parse_split_lines(text: str, origin, need_masks: bool = True) -> list[tuple[int, str, Optional[str]]]:
+    """(line number, image, mask or None) for each sample line "<image> [<mask>]"."""
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (need_masks and len(parts) < 2):
+            want = "'<image> <mask>'" if need_masks else "'<image> [<mask>]'"
+            raise DatasetError(f"{origin}:{lineno}: expected {want}, got {line!r}")
+        entries.append((lineno, parts[0], parts[1] if len(parts) == 2 else None))
+    if not entries:
+        raise DatasetError(f"split file {origin} lists no samples")
+    return entries
+
+
 def read_split_file(path: Path, root: Path, need_masks: bool = True) -> list[SampleRef]:
     """One sample a line: "<image> [<mask>]", both relative to `root`; every file must exist."""
     path, root = Path(path), Path(root)
@@ -89,21 +144,12 @@ def read_split_file(path: Path, root: Path, need_masks: bool = True) -> list[Sam
     if not path.is_file():
         raise DatasetError(f"split file {path} does not exist")
     refs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) > 2 or (need_masks and len(parts) < 2):
-            want = "'<image> <mask>'" if need_masks else "'<image> [<mask>]'"
-            raise DatasetError(f"{path}:{lineno}: expected {want}, got {line!r}")
-        image = root / parts[0]
-        mask = root / parts[1] if len(parts) == 2 else None
-        for file in (image, mask):
+    for lineno, image, mask in parse_split_lines(path.read_text(), path, need_masks):
+        ref = SampleRef(root / image, root / mask if mask else None)
+        for file in (ref.image, ref.mask):
             if file is not None and not file.is_file():
                 raise DatasetError(f"{path}:{lineno}: {file} does not exist")
-        refs.append(SampleRef(image, mask))
-    if not refs:
-        raise DatasetError(f"split file {path} lists no samples")
+        refs.append(ref)
     return refs
 
 

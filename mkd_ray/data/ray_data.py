@@ -9,8 +9,6 @@ Decoding and all augmentation (weak view, strong view, CutMix box, padding mask)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import ray
 
@@ -21,10 +19,10 @@ from mkd_ray.data.torch_data import TrainSet, draw_key, unlabeled_seed
 VIEW_COLUMNS = ("weak", "strong", "ignore", "cutmix", "mask")
 
 
-def _views(batch: dict[str, np.ndarray], refs: list[tuple[str, str | None]], config: dict, seed: int, offset: int) -> dict[str, np.ndarray]:
+def _views(batch: dict[str, np.ndarray], refs: list[SampleRef], config: dict, seed: int, offset: int) -> dict[str, np.ndarray]:
     """Rows of draw numbers (relative to `offset`) -> decoded, augmented unlabeled samples."""
     cfg = config_from_dict(config)
-    dataset = TrainSet([SampleRef(Path(image), Path(mask) if mask else None) for image, mask in refs], cfg, labeled=False)
+    dataset = TrainSet(refs, cfg, labeled=False)
     draws = np.asarray(batch["id"], dtype=np.int64) + offset
     samples = [dataset[draw_key(g, len(refs), seed)] for g in draws]
     out = {col: np.stack([s[col] for s in samples]) for col in VIEW_COLUMNS}
@@ -37,10 +35,9 @@ def _views(batch: dict[str, np.ndarray], refs: list[tuple[str, str | None]], con
 
 def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: int, num_draws: int) -> "ray.data.Dataset":
     """Draws [start_draw, start_draw + num_draws) of the unlabeled stream, decoded and augmented."""
-    plain_refs = [(str(r.image), str(r.mask) if r.mask is not None else None) for r in refs]
     return ray.data.range(num_draws).map_batches(
         _views,
         batch_size=max(cfg.data.unlabeled_batch_size, 16),
         batch_format="numpy",
-        fn_kwargs={"refs": plain_refs, "config": cfg.to_dict(), "seed": unlabeled_seed(cfg), "offset": start_draw},
+        fn_kwargs={"refs": list(refs), "config": cfg.to_dict(), "seed": unlabeled_seed(cfg), "offset": start_draw},
     )

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mkd_ray.config import ExperimentConfig
-from mkd_ray.data import synthetic
-from mkd_ray.data.io import DatasetError, SampleRef, load_mask, read_split_file
+from mkd_ray.data import packed, synthetic
+from mkd_ray.data.io import DatasetError, SampleRef, read_mask, read_split_file
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ExperimentData:
 
 def ensure_synthetic(cfg: ExperimentConfig, log=print) -> None:
     """Generate the synthetic dataset on first use (or when its generator settings changed)."""
-    if cfg.data.dataset != "synthetic":
+    if cfg.data.dataset != "synthetic" or cfg.data.format != "folder":
         return
     root = Path(cfg.data.root)
     if synthetic.is_generated(root, cfg.data.synth):
@@ -31,27 +31,49 @@ def ensure_synthetic(cfg: ExperimentConfig, log=print) -> None:
     log(f"  {cfg.data.synth.num_train} train + {cfg.data.synth.num_val} val images in {info['seconds']} s")
 
 
+def splits_location(cfg: ExperimentConfig) -> str:
+    """The folder (or URI) holding val.txt and the split folders."""
+    return cfg.data.splits_dir or packed.join(cfg.data.root, "splits")
+
+
 def resolve_data(cfg: ExperimentConfig) -> ExperimentData:
-    """Read and check the split lists; every listed file must exist."""
-    root = Path(cfg.data.root)
-    if not root.is_dir():
-        raise DatasetError(f"data.root {root} does not exist")
-    split = cfg.split_dir
-    if not (split / "labeled.txt").is_file():
+    """Read and check the split lists of a folder dataset or a Parquet pack; every sample
+    they name must exist."""
+    root = cfg.data.root
+    if cfg.data.format == "parquet":
+        packed.pack_index(root)  # fails first, and clearly, if root is not a pack
+        exists = packed.exists
+
+        def read(location: str, need_masks: bool = True) -> list[SampleRef]:
+            return packed.read_split(location, root, need_masks)
+    else:
+        if not Path(root).is_dir():
+            raise DatasetError(f"data.root {root} does not exist")
+
+        def exists(location: str) -> bool:
+            return Path(location).is_file()
+
+        def read(location: str, need_masks: bool = True) -> list[SampleRef]:
+            return read_split_file(Path(location), Path(root), need_masks)
+
+    splits = splits_location(cfg)
+    split = cfg.data.split
+    if not exists(packed.join(split, "labeled.txt")):
+        split = packed.join(splits, split)
+    if not exists(packed.join(split, "labeled.txt")):
         raise DatasetError(
             f"data.split {cfg.data.split!r}: no labeled.txt in {split} "
-            f"(give a split name under {cfg.splits_dir} or a folder holding labeled.txt and unlabeled.txt)"
+            f"(give a split name under {splits} or a folder holding labeled.txt and unlabeled.txt)"
         )
-    labeled = read_split_file(split / "labeled.txt", root)
-    unlabeled = read_split_file(split / "unlabeled.txt", root, need_masks=False) if (split / "unlabeled.txt").is_file() else []
+    unlabeled_at = packed.join(split, "unlabeled.txt")
+    unlabeled = read(unlabeled_at, need_masks=False) if exists(unlabeled_at) else []
     if not unlabeled and cfg.method.name != "supervised":
-        raise DatasetError(f"{split / 'unlabeled.txt'} is missing or empty; method {cfg.method.name!r} needs unlabeled images")
-    val = read_split_file(cfg.splits_dir / "val.txt", root)
-    return ExperimentData(labeled, unlabeled, val)
+        raise DatasetError(f"{unlabeled_at} is missing or empty; method {cfg.method.name!r} needs unlabeled images")
+    return ExperimentData(read(packed.join(split, "labeled.txt")), unlabeled, read(packed.join(splits, "val.txt")))
 
 
 def check_masks(cfg: ExperimentConfig, data: ExperimentData) -> None:
     """Read every labeled and validation mask once, so a bad class id stops the run before
     any training starts (unlabeled masks are only diagnostics and are checked as they stream)."""
     for ref in [*data.labeled, *data.val]:
-        load_mask(ref.mask, cfg.data.num_classes, cfg.data.ignore_index)
+        read_mask(ref, cfg.data.num_classes, cfg.data.ignore_index)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mkd_ray.config import ExperimentConfig
 from mkd_ray.data.augment import labeled_views, sample_rng, unlabeled_views
-from mkd_ray.data.io import SampleRef, load_image, load_mask
+from mkd_ray.data.io import SampleRef, read_image, read_mask
 
 
 class EndlessSampler(Sampler):
@@ -66,11 +66,11 @@ class TrainSet(Dataset):
         epoch, index = key
         ref, d = self.refs[index], self.cfg.data
         rng = sample_rng(self.cfg.train.seed, epoch, index, self.stream)
-        image = load_image(ref.image)
+        image = read_image(ref)
         if self.labeled:
-            mask = load_mask(ref.mask, d.num_classes, d.ignore_index)
+            mask = read_mask(ref, d.num_classes, d.ignore_index)
             return labeled_views(image, mask, d.crop_size, self.cfg.augment, rng, d.ignore_index)
-        mask = load_mask(ref.mask, d.num_classes, d.ignore_index) if ref.mask is not None else None
+        mask = read_mask(ref, d.num_classes, d.ignore_index) if ref.mask is not None else None
         return unlabeled_views(image, mask, d.crop_size, self.cfg.augment, rng, d.ignore_index)
 
 
@@ -85,10 +85,10 @@ class EvalSet(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         ref, d = self.refs[index], self.cfg.data
-        image = load_image(ref.image)
+        image = read_image(ref)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-            "mask": torch.from_numpy(load_mask(ref.mask, d.num_classes, d.ignore_index)),
+            "mask": torch.from_numpy(read_mask(ref, d.num_classes, d.ignore_index)),
             "name": ref.name,
         }
 
