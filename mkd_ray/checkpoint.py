@@ -59,14 +59,15 @@ def save_checkpoint(path: Path, cfg: ExperimentConfig, method, optimizer=None, s
     return path / FILENAME
 
 
-def load_state(path: Path) -> dict:
-    """Read a checkpoint file or directory with weights-only unpickling."""
+def load_state(path: Path, mmap: bool = False) -> dict:
+    """Read a checkpoint file or directory with weights-only unpickling (`mmap`: tensors
+    stay on disk until touched, for a cheap look at the config)."""
     path = Path(path)
     file = path / FILENAME if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"checkpoint {file} does not exist")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, tampered or not a torch file
         raise CheckpointError(f"checkpoint {file} cannot be read safely: {exc}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "method" not in state:

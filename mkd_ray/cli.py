@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pipeline", help="evaluate with this pipeline's data settings (default: the checkpoint's own config)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--mode", choices=["whole", "center", "sliding"], help="inference mode (default: the config's)")
+    evaluate.add_argument("--local", action="store_true", help="score in this process, without Ray")
+    evaluate.add_argument("--address", help="Ray cluster to score on (default: start a local one)")
     evaluate.add_argument("--save-predictions", type=Path, help="write one palette PNG per validation image here")
     evaluate.add_argument("--summary", type=Path, help="write the metrics as JSON here")
 
@@ -96,7 +98,6 @@ def cmd_eval(args) -> int:
 
     from mkd_ray import checkpoint as ckpt
     from mkd_ray.config import config_from_dict
-    from mkd_ray.engine import evaluate_checkpoint
 
     source = Path(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +112,22 @@ def cmd_eval(args) -> int:
     overrides = list(args.overrides) + ([f"eval.mode={args.mode}"] if args.mode else [])
     cfg = load_config(args.pipeline, overrides) if args.pipeline else config_from_dict(saved.to_dict(), overrides)
     ckpt.check_compatible(saved, cfg, str(args.checkpoint))
-    result = evaluate_checkpoint(state, cfg, args.save_predictions)
+    keep = args.save_predictions is not None
+    if args.local:
+        from mkd_ray.engine import evaluate_checkpoint
+
+        result, predictions = evaluate_checkpoint(state, cfg, keep)
+    else:
+        from mkd_ray.train.trainer import evaluate_on_ray
+
+        result, predictions = evaluate_on_ray(state, cfg, args.address, keep)
+    if keep:
+        args.save_predictions.mkdir(parents=True, exist_ok=True)
+        for name, png in predictions.items():
+            (args.save_predictions / f"{name}.png").write_bytes(png)
+    print(f"val mIoU {result['val/miou']:.2f} ({cfg.eval.mode}, {cfg.eval.model}, step {result['step']})")
+    for name in cfg.data.names:
+        print(f"  {name:>16s} {result[f'val/iou/{name}']:6.2f}")
     if args.summary:
         args.summary.write_text(json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
     return 0

@@ -19,7 +19,7 @@ from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig
 from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
 from mkd_ray.data.torch_data import endless_loader, eval_batches
-from mkd_ray.data.io import save_mask
+from mkd_ray.data.io import mask_png
 from mkd_ray.evaluate import center_box, evaluate, normalize
 from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
@@ -190,34 +190,26 @@ def train_local(
     return result
 
 
-def evaluate_checkpoint(
-    state: dict,
-    cfg: ExperimentConfig,
-    save_predictions: Optional[Path] = None,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Score a checkpoint on the validation split of `cfg`; optionally write one palette PNG
-    per image (original size; outside a centre crop: 255) with the class ids the metric used."""
+def evaluate_checkpoint(state: dict, cfg: ExperimentConfig, keep_predictions: bool = False) -> tuple[dict, dict[str, bytes]]:
+    """Score a checkpoint on the validation split of `cfg`: (metrics, predictions), where
+    predictions (if kept) map each image name to a palette PNG at the image's original size
+    (outside a centre crop: 255) holding the class ids the metric used."""
     method = build_method(cfg)
     ckpt.restore(state, method)
     device = resolve_device(cfg)
     method.to(device)
     data = resolve_data(cfg)
-    on_prediction = None
-    if save_predictions is not None:
-        save_predictions.mkdir(parents=True, exist_ok=True)
+    predictions: dict[str, bytes] = {}
 
-        def on_prediction(batch, pred):
-            for name, mask, p in zip(batch["name"], batch["mask"], pred.cpu().numpy()):
-                full = np.full(mask.shape, cfg.data.ignore_index, dtype=np.uint8)
-                top, left, h, w = center_box(*mask.shape, cfg.data.crop_size) if cfg.eval.mode == "center" else (0, 0, *mask.shape)
-                full[top : top + h, left : left + w] = p
-                save_mask(full, save_predictions / f"{name}.png")
+    def keep(batch, pred):
+        for name, mask, p in zip(batch["name"], batch["mask"], pred.cpu().numpy()):
+            full = np.full(mask.shape, cfg.data.ignore_index, dtype=np.uint8)
+            top, left, h, w = center_box(*mask.shape, cfg.data.crop_size) if cfg.eval.mode == "center" else (0, 0, *mask.shape)
+            full[top : top + h, left : left + w] = p
+            predictions[name] = mask_png(full)
 
-    meter = run_evaluation(method, cfg, eval_batches(data.val, cfg, cfg.data.val_batch_size), device, on_prediction)
+    batches = eval_batches(data.val, cfg, cfg.data.val_batch_size)
+    meter = run_evaluation(method, cfg, batches, device, keep if keep_predictions else None)
     names = cfg.data.names
     result = {"val/miou": meter.miou(), **{f"val/iou/{n}": v for n, v in zip(names, meter.per_class())}, "step": int(state["step"])}
-    log(f"val mIoU {result['val/miou']:.2f} ({cfg.eval.mode}, {cfg.eval.model}, step {result['step']})")
-    for name, value in zip(names, meter.per_class()):
-        log(f"  {name:>16s} {value:6.2f}")
-    return result
+    return result, predictions

@@ -97,7 +97,7 @@ def test_cli_eval_scores_a_checkpoint_and_writes_predictions(tiny_overrides, tmp
                             "--summary", str(tmp_path / "train.json"), *sets], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr
     out = tmp_path / "pred"
-    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", str(tmp_path / "runs" / "tiny"),
+    proc = subprocess.run([sys.executable, "run.py", "eval", "--local", "--checkpoint", str(tmp_path / "runs" / "tiny"),
                            "--save-predictions", str(out), "--summary", str(tmp_path / "eval.json")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -77,12 +77,16 @@ def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_clus
     assert metrics["val/miou"] == pytest.approx(halves[0].merge(halves[1]).miou(), abs=1e-9)
     assert metrics["val/miou"] == pytest.approx(whole.miou(), abs=0.1)
     _check_mlflow_run(run_id, metrics)
-    # `eval` by MLflow run id downloads the logged model and scores it the same way.
-    summary = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", run_id, "--summary", str(summary)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+    # `eval` by MLflow run id downloads the logged model and scores it the same way, as a
+    # task on this cluster, writing one prediction PNG per validation image on the driver.
+    summary, predictions = tmp_path / "eval.json", tmp_path / "pred"
+    proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", run_id, "--summary", str(summary),
+                           "--address", ray.get_runtime_context().gcs_address, "--save-predictions", str(predictions)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_AUTH_MODE": "token"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(summary.read_text())["val/miou"] == pytest.approx(whole.miou(), abs=1e-6)
+    assert sorted(p.stem for p in predictions.glob("*.png")) == sorted(r.name for r in val)
 
 
 def _check_mlflow_run(run_id, metrics):
@@ -135,6 +139,11 @@ def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path
     b = ckpt.load_state(resumed.checkpoint.path)["method"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # Started again with another architecture: refused before any Ray work, checkpoint kept.
+    before = (tmp_path / "resumed" / "step_00000006" / "state.pt").read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match=r"model.width: 0.25 in the checkpoint vs 0.5"):
+        fit(_cfg(tiny_overrides, "model.width=0.5", "train.iters=9"), name="resumed", storage_path=tmp_path)
+    assert (tmp_path / "resumed" / "step_00000006" / "state.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("source", ["folder", "parquet"])

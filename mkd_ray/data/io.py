@@ -61,11 +61,17 @@ def voc_palette() -> list[int]:
 _PALETTE = voc_palette()
 
 
-def save_mask(mask: np.ndarray, path: Path) -> None:
-    """Palette PNG with a full 256-entry palette (a shorter one silently changes values)."""
+def mask_png(mask: np.ndarray) -> bytes:
+    """A palette PNG with a full 256-entry palette (a shorter one silently changes values)."""
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(_PALETTE)
-    image.save(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_mask(mask: np.ndarray, path: Path) -> None:
+    Path(path).write_bytes(mask_png(mask))
 
 
 def load_image(source, label=None) -> np.ndarray:

@@ -12,11 +12,12 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from mkd_ray import checkpoint as ckpt
 from mkd_ray import tracking
 from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
 from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
-from mkd_ray.engine import default_run_name
+from mkd_ray.engine import default_run_name, evaluate_checkpoint
 from mkd_ray.train.loop import draws_per_step, train_loop_per_worker
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -89,6 +90,14 @@ def _ordered_ingest():
     return options
 
 
+def _check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """A run started again must fit its checkpoint: name the differing keys before Ray starts."""
+    step = latest_step(run_dir)
+    if step:
+        at = run_dir / f"step_{step:08d}"
+        ckpt.check_compatible(ckpt.checkpoint_config(ckpt.load_state(at, mmap=True)), cfg, f"run {run_dir.name} ({at})")
+
+
 def fit(
     cfg: ExperimentConfig,
     name: Optional[str] = None,
@@ -106,6 +115,7 @@ def fit(
     ensure_synthetic(cfg)
     data = resolve_data(cfg)  # every listed file exists: fail here, before Ray starts
     check_masks(cfg, data)
+    _check_resumable(cfg, Path(storage_path).resolve() / name)
     logger = tracking.open_run(cfg, experiment or cfg.name, name)
     try:
         connect(address)
@@ -118,3 +128,15 @@ def fit(
         raise
     tracking.close_run(logger)
     return result, logger.run_id
+
+
+def evaluate_on_ray(state: dict, cfg: ExperimentConfig, address: Optional[str] = None,
+                    keep_predictions: bool = False) -> tuple[dict, dict[str, bytes]]:
+    """`engine.evaluate_checkpoint` as a Ray task with one training worker's resources, so
+    `run.py eval` scores on the cluster's CPUs or GPU; predictions come back as PNG bytes."""
+    cfg = with_absolute_paths(cfg)
+    check_masks(cfg, resolve_data(cfg))  # a bad dataset fails here, before Ray starts
+    connect(address)
+    task = ray.remote(evaluate_checkpoint).options(
+        num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
+    return ray.get(task.remote(state, cfg, keep_predictions))
