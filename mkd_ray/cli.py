@@ -13,6 +13,7 @@ from mkd_ray.config import ConfigError, SynthConfig, load_config
 from mkd_ray.data.io import DatasetError
 
 DEFAULT_PIPELINE = "pipelines/synthetic.yaml"
+DEFAULT_SPACE = "tune_spaces/synthetic.yaml"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--address", help="Ray cluster to score on (default: start a local one)")
     evaluate.add_argument("--save-predictions", type=Path, help="write one palette PNG per validation image here")
     evaluate.add_argument("--summary", type=Path, help="write the metrics as JSON here")
+
+    sweep = commands.add_parser("tune", help="hyperparameter search on Ray Tune (one TorchTrainer per trial)")
+    sweep.add_argument("--space", type=Path, default=Path(DEFAULT_SPACE), help="search-space YAML (default: %(default)s)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="tune.<key>=... sets a sweep setting, any other key the base pipeline (repeatable)")
+    sweep.add_argument("--name", help="sweep name (default: <space>-<time>; with --resume: the latest sweep of this space)")
+    sweep.add_argument("--storage", type=Path, default=Path("runs"), help="where sweeps and trial checkpoints live (default: %(default)s)")
+    sweep.add_argument("--experiment", help="MLflow experiment (default: the base config's name)")
+    sweep.add_argument("--address", help="Ray cluster to join; default: start a local one")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep without re-running finished trials")
+    sweep.add_argument("--summary", type=Path, help="write the results table, best config and run ids as JSON here")
 
     data = commands.add_parser("data", help="dataset tools")
     tools = data.add_subparsers(dest="tool", required=True)
@@ -133,6 +145,40 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import time
+
+    from mkd_ray.tune.space import load_sweep
+
+    sweep = load_sweep(args.space, args.overrides)  # every error before Ray starts
+    from mkd_ray.tune.runner import latest_sweep, run_sweep
+
+    name = args.name
+    if name is None:
+        name = latest_sweep(args.storage, args.space.stem) if args.resume else f"{args.space.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_sweep(sweep, name, args.storage, args.experiment, args.address, args.resume)
+    table, metric = summary.table, sweep.tune.metric
+    shown = ["trial_id", "status", "steps", f"best {metric}", *sweep.space]
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials ran")
+    counts = table["status"].value_counts() if len(table) else {}
+    print(f"{len(table)} trials ({counts.get('completed', 0)} completed, {counts.get('stopped early', 0)} stopped early, "
+          f"{counts.get('error', 0)} failed) in {summary.seconds / 60:.1f} min; MLflow parent run {summary.parent_run_id}")
+    if counts.get("unfinished", 0):
+        print(f"interrupted with {counts['unfinished']} trials unfinished; continue with: "
+              f"python run.py tune --space {args.space} --resume --name {name}")
+    if summary.best_config is not None:
+        best = table.iloc[0]
+        print(f"best: trial {best['trial_id']}, {metric} {best[f'best {metric}']:.2f}")
+        for key in sweep.space:
+            print(f"  {key}: {best[key]}")
+    if args.summary:
+        args.summary.write_text(json.dumps({
+            "name": name, "parent_run_id": summary.parent_run_id, "seconds": summary.seconds, "path": summary.path,
+            "trials": table.to_dict(orient="records"), "best_config": summary.best_config,
+        }, indent=2, default=str))
+    return 0
+
+
 def cmd_data(args) -> int:
     from mkd_ray.data import io, splits, synthetic
 
@@ -178,7 +224,7 @@ def _pack(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "tune": cmd_tune, "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:

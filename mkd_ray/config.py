@@ -115,6 +115,10 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: Literal["mkd", "supervised", "mean_teacher", "cps"] = "mkd"
+    # How the two branches start: "independent" random weights everywhere, or
+    # "shared_backbone": one random backbone copied into both, heads still distinct, as
+    # when both branches load the same pretrained backbone (the paper's setting).
+    branch_init: Literal["independent", "shared_backbone"] = "independent"
     ema_decay: float = field(default=0.99, metadata=_range(0, 1, hi_open=True))
     # What happens to BatchNorm running statistics at the teacher update.
     bn_buffers: Literal["ema", "copy", "none"] = "ema"
@@ -186,6 +190,9 @@ class ScalingConfig:
     num_workers: int = field(default=1, metadata=_range(0))
     cpus_per_worker: float = field(default=1.0, metadata=_range(0, lo_open=True))
     use_gpu: bool = False
+    # CPUs each Ray Data augmentation task reserves; below 1 lets several trials of a sweep
+    # share a small machine (their workers must leave this much free, or the stream stalls).
+    data_cpus: float = field(default=1.0, metadata=_range(0, lo_open=True))
 
 
 @dataclass

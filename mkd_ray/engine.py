@@ -38,7 +38,11 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 def build_method(cfg: ExperimentConfig) -> MutualKD:
     def make_model(branch: int):
-        return build_model(cfg.model, cfg.data.num_classes, seed=cfg.train.seed * 1000 + branch)
+        model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.train.seed * 1000 + branch)
+        if branch and cfg.method.branch_init == "shared_backbone":
+            first = build_model(cfg.model, cfg.data.num_classes, seed=cfg.train.seed * 1000)
+            model.backbone.load_state_dict(first.backbone.state_dict())
+        return model
 
     return MutualKD(cfg.method, make_model, cfg.data.num_classes, cfg.train.iters, cfg.data.ignore_index)
 

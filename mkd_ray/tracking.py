@@ -66,27 +66,39 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def open_run(cfg: ExperimentConfig, experiment: str, run_name: str, uri: Optional[str] = None) -> RunLogger:
-    """The MLflow run for `run_name`: reopened if a run of that name exists (a resume), else new,
-    with the flattened config as params and tags for commit, dataset, split and method."""
-    uri = uri or tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+def find_run(client: MlflowClient, experiment: str, run_name: str):
+    """The run of `experiment` created under `run_name` (our tag, not MLflow's display name), or None."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def _reopen_or_create(client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str]):
+    """(run id, created?) of the run named `run_name`, reopened as RUNNING if it exists."""
+    existing = find_run(client, experiment, run_name)
+    if existing is not None:
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id, False
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
-    if existing:
-        run_id = existing[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+    tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, "git_commit": git_commit(), **tags}
+    return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id, True
+
+
+def open_run(cfg: ExperimentConfig, experiment: str, run_name: str, uri: Optional[str] = None,
+             tags: Optional[dict[str, str]] = None) -> RunLogger:
+    """The MLflow run for `run_name`: reopened if a run of that name exists (a resume), else new,
+    with the flattened config as params and tags for commit, dataset, split and method (plus
+    `tags`, e.g. `mlflow.parentRunId` for a sweep's trial)."""
+    uri = uri or tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    run_tags = {"dataset": cfg.data.dataset, "split": cfg.data.split, "method": cfg.method.name, **(tags or {})}
+    run_id, created = _reopen_or_create(client, experiment, run_name, run_tags)
+    if not created:
         return RunLogger(uri, run_id)
-    tags = {
-        RUN_NAME_TAG: run_name,
-        "mlflow.runName": run_name,
-        "git_commit": git_commit(),
-        "dataset": cfg.data.dataset,
-        "split": cfg.data.split,
-        "method": cfg.method.name,
-    }
-    run = client.create_run(experiment_id, tags=tags, run_name=run_name)
+    run = client.get_run(run_id)
     params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
     for i in range(0, len(params), _BATCH):
         client.log_batch(run.info.run_id, params=params[i : i + _BATCH])

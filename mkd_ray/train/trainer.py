@@ -49,7 +49,7 @@ def latest_step(run_dir: Path) -> int:
 
 def build_trainer(
     cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: Path, mlflow_run: Optional[dict] = None,
-    max_failures: int = 2,
+    max_failures: int = 2, callbacks: tuple = (),
 ) -> TorchTrainer:
     """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here)."""
     storage_path = Path(storage_path).resolve()
@@ -71,6 +71,7 @@ def build_trainer(
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=_ordered_ingest()),

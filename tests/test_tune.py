@@ -1,0 +1,196 @@
+"""Search spaces (pure Python) and sweeps on a real local Ray cluster with a real MLflow store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mkd_ray.config import ConfigError
+from mkd_ray.tune.space import load_sweep
+from tests.conftest import REPO, TINY
+
+BASE = str(REPO / "pipelines" / "synthetic.yaml")
+
+
+def write_space(tmp_path: Path, **sections) -> Path:
+    spec = {"base": BASE, "space": {"method.tau_t": {"uniform": [0.8, 0.95]}}, **sections}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# (what the space file holds, --set overrides, the key the error must name, words it must say)
+BAD_SPACES = [
+    ({"spaces": {}}, [], "spaces", "did you mean 'space'"),
+    ({"base": None}, [], "base", "base pipeline"),
+    ({"base": "/nowhere/pipeline.yaml"}, [], "base", "does not exist"),
+    ({"space": {}}, [], "space", "non-empty"),
+    ({"space": {"method.ema_decy": {"uniform": [0.9, 0.99]}}}, [], "space.method.ema_decy", "did you mean 'method.ema_decay'"),
+    ({"space": {"method.tau_t": {"normal": [0.8, 0.1]}}}, [], "space.method.tau_t", "unknown key 'normal'"),
+    ({"space": {"method.tau_t": 0.9}}, [], "space.method.tau_t", "expected one distribution"),
+    ({"space": {"method.tau_t": {"uniform": [0.95, 0.8]}}}, [], "space.method.tau_t", "is empty"),
+    ({"space": {"method.tau_t": {"uniform": [0.8]}}}, [], "space.method.tau_t", "[lo, hi]"),
+    ({"space": {"train.lr": {"loguniform": [0.0, 0.01]}}}, [], "space.train.lr", "positive bounds"),
+    ({"space": {"method.ema_decay": {"uniform": [0.9, 1.0]}}}, [], "space.method.ema_decay", "can produce 1.0"),
+    ({"space": {"method.threshold_mode": {"choice": ["fixed", "adaptive"]}}}, [], "space.method.threshold_mode", "'adaptive'"),
+    ({"space": {"method.lambda_ss": {"choice": []}}}, [], "space.method.lambda_ss", "at least one value"),
+    ({"space": {"train.iters": {"randint": [1.5, 10]}}}, [], "space.train.iters", "integers"),
+    ({"space": {"train.lr": {"quniform": [0.001, 0.01, 0]}}}, [], "space.train.lr", "step q"),
+    ({"space": {"model.backbone": {"choice": ["resnet18", "resnet50"]}}}, [], "space.model.backbone", "width multiplier"),
+    ({"set": {"train.itres": 5}}, [], "set.train.itres", "did you mean 'iters'"),
+    ({"tune": {"schedular": "asha"}}, [], "tune.schedular", "did you mean 'scheduler'"),
+    ({}, ["tune.scheduler=hyperband"], "tune.scheduler", "'asha'"),
+    ({}, ["tune.num_samples=0"], "tune.num_samples", "[1, inf]"),
+    ({"tune": {"metric": "accuracy"}}, [], "tune.metric", "val/miou"),
+    ({"tune": {"metric": "val/iou/hexagon"}}, [], "tune.metric", "no class 'hexagon'"),
+    ({"space": {"train.lr": {"grid": [0.001, 0.01]}}, "tune": {"search": "optuna"}}, [], "space.train.lr", "grid works with"),
+    ({}, ["method.ema_decay=1.5"], "method.ema_decay", "[0, 1)"),
+]
+
+
+@pytest.mark.parametrize("sections,overrides,key,words", BAD_SPACES, ids=[b[2] + ":" + b[3] for b in BAD_SPACES])
+def test_bad_space_files_are_rejected_naming_the_key(tmp_path, sections, overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_sweep(write_space(tmp_path, **sections), overrides)
+    assert key in str(info.value) and words in str(info.value)
+
+
+def test_set_routes_tune_keys_to_the_sweep_and_the_rest_to_the_base(tmp_path):
+    space = write_space(tmp_path, tune={"num_samples": 4}, set={"train.iters": 300})
+    sweep = load_sweep(space, ["tune.num_samples=8", "tune.max_concurrent_trials=2", "train.eval_interval=100",
+                               "data.split=1_8"])
+    assert sweep.tune.num_samples == 8 and sweep.tune.max_concurrent_trials == 2
+    assert sweep.base.train.iters == 300 and sweep.base.train.eval_interval == 100 and sweep.base.data.split == "1_8"
+    trial = sweep.trial_config({"method.tau_t": 0.85})
+    assert trial.method.tau_t == 0.85 and trial.train.iters == 300
+
+
+@pytest.mark.parametrize("name", ["synthetic", "voc", "cityscapes"])
+def test_shipped_spaces_load_and_search_the_method_knobs(name):
+    sweep = load_sweep(REPO / "tune_spaces" / f"{name}.yaml")
+    assert {"method.ema_decay", "method.tau_t", "method.lambda_st", "method.lambda_ss", "train.lr"} <= set(sweep.space)
+    if name != "synthetic":
+        assert {"method.tau_s", "method.lam_max"} <= set(sweep.space)
+
+
+def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
+    from mkd_ray.tune.runner import plan_resources
+
+    sweep = load_sweep(REPO / "tune_spaces" / "synthetic.yaml")  # 0.1 driver + 0.5 worker + 0.4 data
+    assert plan_resources(sweep, {"CPU": 2.0}).concurrency == 2
+    assert plan_resources(sweep, {"CPU": 8.0}).concurrency == 8
+    assert plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["tune.max_concurrent_trials=1"]),
+                          {"CPU": 8.0}).concurrency == 1
+    with pytest.raises(ConfigError, match="one trial needs 2.1 CPUs"):
+        plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["scaling.cpus_per_worker=1.0",
+                                                                            "scaling.data_cpus=1.0"]), {"CPU": 2.0})
+    gpu = load_sweep(REPO / "tune_spaces" / "voc.yaml")  # 4 GPU workers x 4 CPUs
+    assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0}).concurrency == 2
+    with pytest.raises(ConfigError, match="needs 4 GPUs"):
+        plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
+    space = write_space(tmp_path, space={"method.ema_decay": {"uniform": [0.9, 1.0]}})
+    proc = subprocess.run([sys.executable, "run.py", "tune", "--space", str(space)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "space.method.ema_decay" in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------- real sweeps
+
+TINY_TRIAL = {"train.iters": 12, "train.eval_interval": 4, "train.checkpoint_interval": 4, "train.log_interval": 4,
+              "scaling.cpus_per_worker": 0.5, "scaling.data_cpus": 0.4}
+
+
+def _sweep_command(space: Path, tiny_overrides, storage: Path, name: str, *extra) -> list[str]:
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    return [sys.executable, "run.py", "tune", "--space", str(space), *sets, "--storage", str(storage),
+            "--name", name, "--experiment", name, *extra]
+
+
+def _children(parent_id: str) -> list:
+    return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", search_all_experiments=True,
+                              output_format="list")
+
+
+@pytest.fixture
+def sweep_env(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    # Each sweep starts its own local cluster; a short temp path keeps Ray's sockets legal.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    return env
+
+
+@pytest.mark.ray
+def test_asha_sweep_logs_a_parent_and_a_child_per_trial_and_stops_poor_trials(tmp_path, tiny_overrides, sweep_env):
+    # Two good learning rates and two that cannot learn in 12 steps: the latter sit below the
+    # rung's median at step 4, so ASHA must stop them there.
+    space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 0.005, 1.0e-6, 1.0e-6]}},
+                        tune={"scheduler": "asha", "grace_period": 4, "num_samples": 1})
+    summary_file = tmp_path / "summary.json"
+    proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", "asha", "--summary", str(summary_file)),
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=sweep_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    client = MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["mkd_ray.role"] == "sweep"
+    children = _children(summary["parent_run_id"])
+    assert len(children) == 4
+    sampled = sorted(float(c.data.params["train.lr"]) for c in children)
+    assert sampled == [1e-6, 1e-6, 0.005, 0.005]
+    outcomes = {c.data.tags["mkd_ray.outcome"] for c in children}
+    assert "stopped early" in outcomes and "completed" in outcomes
+    for child in children:
+        stopped = child.data.tags["mkd_ray.outcome"] == "stopped early"
+        assert child.info.status == ("KILLED" if stopped else "FINISHED")
+        assert len(client.get_metric_history(child.info.run_id, "val/miou")) >= 1
+    best = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/best_config.yaml"))
+    assert best["train"]["lr"] == 0.005 and summary["best_config"]["train"]["lr"] == 0.005
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/results.csv")
+    assert len(table.strip().splitlines()) == 5 and "stopped early" in table
+
+
+@pytest.mark.ray
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_overrides, sweep_env):
+    space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 0.004, 0.003, 0.002]}},
+                        tune={"scheduler": "fifo", "num_samples": 1, "max_concurrent_trials": 1})
+    command = _sweep_command(space, tiny_overrides, tmp_path / "runs", "resumed")
+    proc = subprocess.Popen(command, cwd=REPO, env=sweep_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    deadline = time.monotonic() + 600
+    finished = []
+    while len(finished) < 2:  # interrupt (Ctrl-C) once two trials have finished
+        assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before it could be interrupted"
+        time.sleep(2)
+        experiment = client.get_experiment_by_name("resumed")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        finished = [r for r in runs if r.data.tags.get("mkd_ray.role") == "trial" and r.info.status == "FINISHED"]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    first_pass = {r.data.tags["mkd_ray.trial_id"]: client.get_metric_history(r.info.run_id, "val/miou") for r in finished}
+
+    proc = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900, env=sweep_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mkd_ray.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("mkd_ray.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == 4 and len({r.data.tags["mkd_ray.trial_id"] for r in trials}) == 4  # no duplicates
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+    for trial_id, history in first_pass.items():  # finished trials were not trained again
+        run = next(r for r in trials if r.data.tags["mkd_ray.trial_id"] == trial_id)
+        assert client.get_metric_history(run.info.run_id, "val/miou") == history
