@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep without re-running finished trials")
     sweep.add_argument("--summary", type=Path, help="write the results table, best config and run ids as JSON here")
 
+    cmp = commands.add_parser("compare", help="rank MLflow runs and plot them (metric vs hyperparameters, curves, per-class IoU)")
+    cmp.add_argument("--experiment", action="append", required=True,
+                     help="MLflow experiment to compare (repeat to compare across experiments)")
+    cmp.add_argument("--metric", default="val/miou", help="ranking metric (default: %(default)s)")
+    cmp.add_argument("--sweep", help="only the trials of this sweep (its name or parent run id); plots go to its parent run")
+    cmp.add_argument("--top", type=int, default=5, help="runs in the learning-curve and IoU plots (default: %(default)s)")
+    cmp.add_argument("--out", type=Path, default=Path("compare"), help="folder for the PNGs and runs.csv (default: %(default)s)")
+
     data = commands.add_parser("data", help="dataset tools")
     tools = data.add_subparsers(dest="tool", required=True)
     synth = tools.add_parser("synth", help="write the synthetic dataset (VOC layout + split lists)")
@@ -179,6 +187,17 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from mkd_ray.compare import compare
+
+    result = compare(args.experiment, args.metric, args.out, args.sweep, args.top)
+    with_values = result.table.drop(columns=["run_id"])
+    print(with_values.to_string(index=False, float_format=lambda v: f"{v:.4g}", max_colwidth=40))
+    print(f"{len(result.table)} runs; plots in {args.out}: {', '.join(p.name for p in result.plots)}; "
+          f"logged to MLflow run {result.logged_to}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from mkd_ray.data import io, splits, synthetic
 
@@ -224,7 +243,7 @@ def _pack(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "tune": cmd_tune, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "tune": cmd_tune, "compare": cmd_compare, "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
