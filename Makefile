@@ -1,5 +1,5 @@
 # Each target sets up the virtual environment on first use, so on a fresh machine
-# `make train` and `make test` are the only two commands needed.
+# `make tune` and `make test` are the only two commands needed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,8 +9,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: setup train test
+.PHONY: setup tune train test
 setup: $(VENV)/.installed
+
+tune: $(VENV)/.installed
+	$(PY) run.py tune --space tune_spaces/synthetic.yaml
 
 train: $(VENV)/.installed
 	$(PY) run.py train --pipeline pipelines/synthetic.yaml
