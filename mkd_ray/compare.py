@@ -60,7 +60,8 @@ def compare(experiments: list[str], metric: str = "val/miou", out: Path = Path("
         "status": runs["status"],
         "method": runs.get("params.method.name"),
         metric: runs[column],
-        **{key: runs[f"params.{key}"] for key in keys},
+        **{key: _numeric(runs[f"params.{key}"]) if _numeric(runs[f"params.{key}"]) is not None else runs[f"params.{key}"]
+           for key in keys},
         "run_id": runs["run_id"],
     }).reset_index(drop=True)
     out = Path(out)
