@@ -75,7 +75,7 @@ def find_run(client: MlflowClient, experiment: str, run_name: str):
     return runs[0] if runs else None
 
 
-def _reopen_or_create(client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str]):
+def reopen_or_create(client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str]):
     """(run id, created?) of the run named `run_name`, reopened as RUNNING if it exists."""
     existing = find_run(client, experiment, run_name)
     if existing is not None:
@@ -95,7 +95,7 @@ def open_run(cfg: ExperimentConfig, experiment: str, run_name: str, uri: Optiona
     uri = uri or tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     run_tags = {"dataset": cfg.data.dataset, "split": cfg.data.split, "method": cfg.method.name, **(tags or {})}
-    run_id, created = _reopen_or_create(client, experiment, run_name, run_tags)
+    run_id, created = reopen_or_create(client, experiment, run_name, run_tags)
     if not created:
         return RunLogger(uri, run_id)
     run = client.get_run(run_id)

@@ -119,7 +119,7 @@ def _search(sweep: Sweep, concurrency: int):
 
 def _open_parent(sweep: Sweep, experiment: str, name: str, uri: str) -> str:
     client = MlflowClient(tracking_uri=uri)
-    run_id, created = tracking._reopen_or_create(client, experiment, name, {
+    run_id, created = tracking.reopen_or_create(client, experiment, name, {
         ROLE_TAG: "sweep", SWEEP_TAG: name, SEARCHED_TAG: ",".join(sweep.space),
         "scheduler": sweep.tune.scheduler, "search": sweep.tune.search,
         "dataset": sweep.base.data.dataset, "split": sweep.base.data.split, "method": sweep.base.method.name,
