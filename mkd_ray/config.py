@@ -141,6 +141,8 @@ class MethodConfig:
     fp_dropout: float = field(default=0.5, metadata=_range(0, 1, hi_open=True))
     # Sigmoid ramp-up of lambda_st / lambda_ss over the first iterations (0 = off).
     rampup_iters: int = field(default=0, metadata=_range(0))
+    # Supervised-only warm-up: no distillation before this step; the ramp-up starts here.
+    warmup_iters: int = field(default=0, metadata=_range(0))
 
 
 @dataclass

@@ -80,6 +80,13 @@ def test_class_adaptive_thresholds_lower_rare_classes_with_floor():
     assert thr.tolist() == pytest.approx([0.9, 0.5, 0.5])
 
 
+def test_warmup_delays_the_ramp_of_the_unsupervised_weight():
+    method = MutualKD(MethodConfig(rampup_iters=100, warmup_iters=40), lambda i: TinySeg(), 3, 1000)
+    for step, weight in [(0, 0.0), (39, 0.0), (40, math.exp(-5)), (90, math.exp(-5 * 0.25)), (140, 1.0)]:
+        method.iteration.fill_(step)
+        assert method.unsup_weight() == pytest.approx(weight), step
+
+
 def test_ramps():
     assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))

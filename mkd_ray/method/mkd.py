@@ -142,7 +142,8 @@ class MutualKD(nn.Module):
             ema_update(teacher, student, decay, self.cfg.bn_buffers)
 
     def unsup_weight(self) -> float:
-        return sigmoid_rampup(int(self.iteration), self.cfg.rampup_iters)
+        step = int(self.iteration) - self.cfg.warmup_iters
+        return 0.0 if step < 0 else sigmoid_rampup(step, self.cfg.rampup_iters)
 
     def isda_strength(self) -> float:
         return cosine_rampup(int(self.iteration), self.total_iters, self.cfg.lam_max) if self.use_isda else 0.0
