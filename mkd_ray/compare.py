@@ -60,8 +60,7 @@ def compare(experiments: list[str], metric: str = "val/miou", out: Path = Path("
         "status": runs["status"],
         "method": runs.get("params.method.name"),
         metric: runs[column],
-        **{key: _numeric(runs[f"params.{key}"]) if _numeric(runs[f"params.{key}"]) is not None else runs[f"params.{key}"]
-           for key in keys},
+        **{key: _numbers_if_possible(runs[f"params.{key}"]) for key in keys},
         "run_id": runs["run_id"],
     }).reset_index(drop=True)
     out = Path(out)
@@ -117,6 +116,12 @@ def _key_hyperparameters(runs: pd.DataFrame, parent: Optional[pd.Series]) -> lis
 def _numeric(values: pd.Series) -> Optional[pd.Series]:
     converted = pd.to_numeric(values, errors="coerce")
     return converted if converted.notna().all() else None
+
+
+def _numbers_if_possible(values: pd.Series) -> pd.Series:
+    """MLflow params are text; numeric ones become numbers (for sorting and formatting)."""
+    numeric = _numeric(values)
+    return values if numeric is None else numeric
 
 
 def _plot_metric_vs_keys(table: pd.DataFrame, keys: list[str], metric: str, path: Path) -> Optional[Path]:

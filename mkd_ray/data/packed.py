@@ -144,8 +144,7 @@ def pack_index(location: str) -> dict[str, tuple[PackedRow, bool]]:
     index = {}
     for entry in manifest["files"]:
         file = join(location, entry["path"])
-        fs, path = _filesystem(file)
-        parquet = pq.ParquetFile(path, filesystem=fs)
+        parquet = _parquet_file(file)  # the handle later reads of this file reuse
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=["image_path", "mask_path"])
             for row, (image, mask) in enumerate(zip(*(c.to_pylist() for c in table.columns))):
