@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from mkd_ray.config import ExperimentConfig, config_from_dict
+from mkd_ray.method.optim import apply_train_config
 
 FORMAT_VERSION = 1
 FILENAME = "state.pt"
@@ -88,8 +89,9 @@ def check_compatible(saved: ExperimentConfig, current: ExperimentConfig, source:
         raise CheckpointError(f"{source} was trained with a different architecture ({details})")
 
 
-def restore(state: dict, method, optimizer=None, scheduler=None) -> int:
-    """Load a checkpoint into live objects; returns the step to continue from."""
+def restore(state: dict, method, optimizer=None, scheduler=None, train_cfg=None) -> int:
+    """Load a checkpoint into live objects; returns the step to continue from. With
+    `train_cfg`, its learning rate, weight decay and momentum replace the saved ones."""
     try:
         method.load_state_dict(state["method"])
     except RuntimeError as exc:
@@ -98,6 +100,8 @@ def restore(state: dict, method, optimizer=None, scheduler=None) -> int:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
+    if train_cfg is not None and optimizer is not None and scheduler is not None:
+        apply_train_config(optimizer, scheduler, train_cfg)
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
     return int(state["step"])

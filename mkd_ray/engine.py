@@ -156,7 +156,7 @@ def train_local(
     if checkpoint_dir is not None and (Path(checkpoint_dir) / ckpt.FILENAME).is_file():
         state = ckpt.load_state(checkpoint_dir)
         ckpt.check_compatible(ckpt.checkpoint_config(state), cfg, str(checkpoint_dir))
-        start_step = ckpt.restore(state, method, optimizer, scheduler)
+        start_step = ckpt.restore(state, method, optimizer, scheduler, cfg.train)
         log(f"resumed from {checkpoint_dir} at step {start_step}")
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step))

@@ -285,6 +285,28 @@ def test_train_step_updates_students_not_teachers_by_gradient():
     assert set(out.metrics) >= {"loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "lr"}
 
 
+def test_restored_optimizer_follows_the_new_configs_learning_rate():
+    # PBT continues a trial's weights under a perturbed learning rate: the poly schedule must
+    # go on from the restored step with the new base rate, not the saved one.
+    from mkd_ray.config import TrainConfig
+    from mkd_ray.method.optim import apply_train_config
+
+    method = make_method(name="mkd")
+    optimizer, scheduler = build_optimizer(method, TrainConfig(iters=10, lr=0.1, head_lr_mult=10.0))
+    for _ in range(3):
+        train_step(method, optimizer, scheduler, tiny_batch())
+    saved = optimizer.state_dict(), scheduler.state_dict()
+    optimizer, scheduler = build_optimizer(method, TrainConfig(iters=10, lr=0.02, head_lr_mult=10.0, weight_decay=0.5))
+    optimizer.load_state_dict(saved[0])
+    scheduler.load_state_dict(saved[1])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.7**0.9)  # the saved rate wins on load...
+    apply_train_config(optimizer, scheduler, TrainConfig(iters=10, lr=0.02, head_lr_mult=10.0, weight_decay=0.5))
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02 * 0.7**0.9, 0.2 * 0.7**0.9])
+    assert optimizer.param_groups[0]["weight_decay"] == 0.5
+    train_step(method, optimizer, scheduler, tiny_batch())  # ...and the schedule continues from the new one
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.2 * 0.6**0.9)
+
+
 def test_pseudo_label_accuracy_diagnostic():
     method = make_method(name="mean_teacher")
     set_classifier(method.teachers[0], favoured=1)

@@ -55,6 +55,12 @@ BAD_SPACES = [
     ({"tune": {"metric": "val/iou/hexagon"}}, [], "tune.metric", "no class 'hexagon'"),
     ({"space": {"train.lr": {"grid": [0.001, 0.01]}}, "tune": {"search": "optuna"}}, [], "space.train.lr", "grid works with"),
     ({}, ["method.ema_decay=1.5"], "method.ema_decay", "[0, 1)"),
+    ({"tune": {"scheduler": "pbt", "search": "optuna"}}, [], "tune.search", "use search: random"),
+    ({"tune": {"scheduler": "pbt", "perturbation_interval": 300}}, ["train.eval_interval=250"],
+     "tune.perturbation_interval", "multiple of train.eval_interval=250"),
+    ({"space": {"model.width": {"choice": [0.25, 0.5]}}, "tune": {"scheduler": "pbt"}}, [], "space.model.width",
+     "copies weights between trials"),
+    ({"tune": {"quantile_fraction": 0.75}}, [], "tune.quantile_fraction", "0.5"),
 ]
 
 
@@ -81,6 +87,24 @@ def test_shipped_spaces_load_and_search_the_method_knobs(name):
     assert {"method.ema_decay", "method.tau_t", "method.lambda_st", "method.lambda_ss", "train.lr"} <= set(sweep.space)
     if name != "synthetic":
         assert {"method.tau_s", "method.lam_max"} <= set(sweep.space)
+
+
+def test_pbt_perturbations_stay_inside_the_searched_ranges(tmp_path):
+    from mkd_ray.tune.runner import _clip_to_space
+
+    space = write_space(tmp_path, space={"method.ema_decay": {"uniform": [0.95, 0.999]},
+                                         "train.lr": {"quniform": [0.001, 0.01, 0.001]},
+                                         "data.labeled_batch_size": {"randint": [2, 9]},
+                                         "method.threshold_mode": {"choice": ["fixed", "class_adaptive"]}},
+                        tune={"scheduler": "pbt"})
+    sweep = load_sweep(space)
+    perturbed = {"method.ema_decay": 0.999 * 1.2, "train.lr": 0.0123, "data.labeled_batch_size": 1,
+                 "method.threshold_mode": "fixed", "train.iters": 7}
+    clipped = _clip_to_space(perturbed, sweep.space)
+    assert clipped == {"method.ema_decay": 0.999, "train.lr": pytest.approx(0.01), "data.labeled_batch_size": 2,
+                       "method.threshold_mode": "fixed", "train.iters": 7}
+    sweep.trial_config({k: v for k, v in clipped.items() if k in sweep.space})  # a valid config
+    assert sweep.space["method.threshold_mode"].mutation() == ["fixed", "class_adaptive"]
 
 
 def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
@@ -194,3 +218,34 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     for trial_id, history in first_pass.items():  # finished trials were not trained again
         run = next(r for r in trials if r.data.tags["mkd_ray.trial_id"] == trial_id)
         assert client.get_metric_history(run.info.run_id, "val/miou") == history
+
+
+@pytest.mark.ray
+def test_pbt_sweep_copies_good_trials_into_poor_ones_and_finishes_every_trial(tmp_path, tiny_overrides, sweep_env):
+    # A good and a hopeless learning rate run side by side; at each evaluation PBT hands the
+    # poor trial the good one's checkpoint and a perturbed learning rate.
+    space = write_space(tmp_path, set={**TINY_TRIAL, "train.iters": 16},
+                        space={"train.lr": {"grid": [0.005, 1.0e-6, 0.005, 1.0e-6]}},
+                        tune={"scheduler": "pbt", "num_samples": 1, "max_concurrent_trials": 2, "quantile_fraction": 0.5})
+    summary_file = tmp_path / "summary.json"
+    proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", "pbt", "--summary", str(summary_file)),
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=sweep_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    client = MlflowClient()
+    children = _children(summary["parent_run_id"])
+    assert len(children) == 4
+    assert {c.data.tags["mkd_ray.outcome"] for c in children} == {"completed"}  # every trial reached step 16
+    copied = []
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert client.get_metric_history(child.info.run_id, "val/miou")
+        schedule = client.get_metric_history(child.info.run_id, "pbt/train.lr")
+        assert schedule[0].step == 0 and len(schedule) >= 1
+        copied += [m for m in client.get_metric_history(child.info.run_id, "pbt/copied_from_other_trial") if m.value == 1]
+    assert copied and all(m.step > 0 for m in copied), "PBT never handed a trial another trial's checkpoint"
+    # Under PBT the best configuration is the best trial's last point of its schedule.
+    best = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{summary['parent_run_id']}/best_config.yaml"))
+    best_run = client.get_run(client.get_run(summary["parent_run_id"]).data.tags["best_run_id"])
+    last = max(client.get_metric_history(best_run.info.run_id, "pbt/train.lr"), key=lambda m: (m.step, m.timestamp))
+    assert best["train"]["lr"] == pytest.approx(last.value)

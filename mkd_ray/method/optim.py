@@ -26,13 +26,31 @@ def build_optimizer(method: MutualKD, cfg: TrainConfig) -> tuple[torch.optim.Opt
     for student in method.students:
         backbone += list(student.backbone_parameters())
         head += list(student.head_parameters())
-    groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
+    backbone_lr, head_lr = base_learning_rates(cfg)
+    groups = [{"params": backbone, "lr": backbone_lr}, {"params": head, "lr": head_lr}]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(cfg.iters, cfg.poly_power))
     return optimizer, scheduler
+
+
+def base_learning_rates(cfg: TrainConfig) -> list[float]:
+    """Of the backbone and the decoder parameter groups, before the poly decay."""
+    return [cfg.lr, cfg.lr * cfg.head_lr_mult]
+
+
+def apply_train_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                       cfg: TrainConfig) -> None:
+    """Make a restored optimizer follow `cfg` from here on. A resumed run changes nothing
+    (same values); a PBT trial continues another trial's weights under new hyperparameters."""
+    scheduler.base_lrs = base_learning_rates(cfg)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group.update(initial_lr=base, lr=base * factor, weight_decay=cfg.weight_decay)
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
 
 
 def autocast_context(amp: str, device: torch.device):

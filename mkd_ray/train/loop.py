@@ -130,10 +130,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
 
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start_step = ckpt.restore(ckpt.load_state(directory), method, optimizer, scheduler)
+            start_step = ckpt.restore(ckpt.load_state(directory), method, optimizer, scheduler, cfg.train)
 
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step, rank=rank))
     seen_draws: set = set()

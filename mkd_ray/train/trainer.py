@@ -49,18 +49,24 @@ def latest_step(run_dir: Path) -> int:
 
 def build_trainer(
     cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: Path, mlflow_run: Optional[dict] = None,
-    max_failures: int = 2, callbacks: tuple = (),
+    max_failures: int = 2, callbacks: tuple = (), initial_checkpoint: Optional[ray.train.Checkpoint] = None,
 ) -> TorchTrainer:
-    """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here)."""
+    """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here).
+
+    `initial_checkpoint` starts a new run from another run's state (PBT hands trials each
+    other's weights); a run's own checkpoints, once it has any, take precedence, as Ray's do.
+    """
     storage_path = Path(storage_path).resolve()
+    initial_step = checkpoint_step(initial_checkpoint) if initial_checkpoint is not None else 0
     datasets = {}
     if data.unlabeled and cfg.method.name != "supervised":
         # A factory: Ray Train calls it each time the worker group starts, so a group restarted
         # after a failure streams from its checkpoint's draw, not from the run's beginning.
-        datasets["unlabeled"] = functools.partial(_unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage_path / name)
+        datasets["unlabeled"] = functools.partial(
+            _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage_path / name, initial_step)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow": mlflow_run},
+        train_loop_config={"config": cfg.to_dict(), "mlflow": mlflow_run, "initial_checkpoint": initial_checkpoint},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -78,8 +84,13 @@ def build_trainer(
     )
 
 
-def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: Path):
-    start = latest_step(run_dir)
+def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
+    with checkpoint.as_directory() as directory:
+        return int(ckpt.load_state(directory, mmap=True)["step"])
+
+
+def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: Path, initial_step: int = 0):
+    start = latest_step(run_dir) or initial_step
     per_step = draws_per_step(cfg)
     return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step)
 

@@ -8,10 +8,13 @@ trial a child run that rank 0 fills exactly like a plain `train` run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,12 +25,14 @@ import yaml
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
 
 from mkd_ray import tracking
-from mkd_ray.config import ConfigError, config_from_dict, with_absolute_paths
+from mkd_ray.config import ConfigError, ExperimentConfig, config_from_dict, with_absolute_paths
 from mkd_ray.data.sources import check_masks, ensure_synthetic, resolve_data
-from mkd_ray.train.trainer import build_trainer, connect
+from mkd_ray.train.trainer import build_trainer, checkpoint_step, connect
 from mkd_ray.tune.space import Sweep
 
 ROLE_TAG = "mkd_ray.role"  # "sweep" on the parent run, "trial" on each child
@@ -49,23 +54,82 @@ class EvaluationsToTune(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
+class CheckpointsToTune(UserCallback):
+    """PBT's channel: each evaluation that comes with a checkpoint goes to the trial function,
+    which reports both to Tune (TuneReportCallback carries metrics only, and PBT needs the
+    checkpoint to copy a good trial into a poor one)."""
+
+    def __init__(self, metric: str, reports: Queue):
+        self.metric, self.reports = metric, reports
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None and self.metric in metrics[0]:
+            self.reports.put((metrics[0], checkpoint))
+
+
 def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_run_id: str, experiment: str,
-              uri: str, storage: str) -> None:
+              uri: str, storage: str, pbt_interval: int = 0) -> None:
     """One trial: the base config with the sampled values, trained by a TorchTrainer whose
-    checkpoints live under `storage/<trial id>` (so a restored sweep resumes the trial)."""
+    checkpoints live under `storage/<run name>` (so a restored sweep resumes the trial).
+    With `pbt_interval`, it checkpoints at each of PBT's decision steps and hands Tune each one."""
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(base, dict(sampled))
+    if pbt_interval:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_interval=pbt_interval))
     logger = tracking.open_run(cfg, experiment, f"{sweep_name}-{trial_id}", uri, tags={
         "mlflow.parentRunId": parent_run_id, ROLE_TAG: "trial", SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
     })
-    trainer = build_trainer(cfg, resolve_data(cfg), trial_id, Path(storage), {"uri": uri, "run_id": logger.run_id},
-                            callbacks=[EvaluationsToTune(metric)])
+    mlflow_run = {"uri": uri, "run_id": logger.run_id}
     try:
-        trainer.fit()
-    except BaseException as exc:  # an error, or the trial being stopped: the driver sorts them out
+        if pbt_interval:
+            _train_for_pbt(cfg, sampled, trial_id, metric, Path(storage), mlflow_run)
+        else:
+            build_trainer(cfg, resolve_data(cfg), trial_id, Path(storage), mlflow_run,
+                          callbacks=[EvaluationsToTune(metric)]).fit()
+    except SystemExit:  # Tune stopping or pausing the trial: the driver settles its run
+        raise
+    except BaseException as exc:
         tracking.close_run(logger, exc)
         raise
     tracking.close_run(logger)
+
+
+def _train_for_pbt(cfg: ExperimentConfig, sampled: dict, trial_id: str, metric: str, storage: Path,
+                   mlflow_run: dict) -> None:
+    """Fit in a helper thread and report each checkpointed evaluation to Tune from this one.
+
+    The run starts from Tune's checkpoint: this trial's own after a restored sweep, or the
+    one PBT copied from a better trial, which may be of any step, so each invocation is a
+    new Ray Train run. When PBT pauses the trial, Tune ends this process, and the trainer
+    it owns goes with it.
+    """
+    start = tune.get_checkpoint()
+    step = checkpoint_step(start) if start is not None else 0
+    # The hyperparameters in force from this step on (PBT turns them into schedules), and
+    # whether the weights came from another trial.
+    own_dir = Path(tune.get_context().get_trial_dir()).name
+    copied = start is not None and Path(start.path).parent.name != own_dir
+    values = {f"pbt/{k}": v for k, v in sampled.items() if isinstance(v, (int, float))}
+    tracking.RunLogger(**mlflow_run).metrics({**values, "pbt/copied_from_other_trial": float(copied)}, step)
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(cfg, resolve_data(cfg), f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, mlflow_run,
+                            callbacks=[CheckpointsToTune(metric, reports)], initial_checkpoint=start)
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the trial's thread below
+            failure.append(exc)
+        finally:
+            reports.put(None)
+
+    threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
+    while (item := reports.get()) is not None:
+        metrics, saved = item
+        tune.report(metrics, checkpoint=tune.Checkpoint(saved.path, filesystem=saved.filesystem))
+    if failure:
+        raise failure[0]
 
 
 @dataclass
@@ -100,9 +164,27 @@ def _scheduler(sweep: Sweep):
     t, train = sweep.tune, sweep.base.train
     if t.scheduler == "fifo":
         return tune.schedulers.FIFOScheduler()
+    if t.scheduler == "pbt":
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="step", perturbation_interval=pbt_interval(sweep),
+            hyperparam_mutations={key: dim.mutation() for key, dim in sweep.space.items()},
+            quantile_fraction=t.quantile_fraction, resample_probability=t.resample_probability,
+            custom_explore_fn=functools.partial(_clip_to_space, space=sweep.space))
     return tune.schedulers.ASHAScheduler(
         time_attr="step", max_t=train.iters, grace_period=t.grace_period or min(train.eval_interval, train.iters),
         reduction_factor=t.reduction_factor)
+
+
+def pbt_interval(sweep: Sweep) -> int:
+    """Steps between PBT's decisions (0 when the scheduler is not PBT)."""
+    if sweep.tune.scheduler != "pbt":
+        return 0
+    return sweep.tune.perturbation_interval or sweep.base.train.eval_interval
+
+
+def _clip_to_space(config: dict, space: dict) -> dict:
+    """PBT scales values by 0.8 or 1.2: keep each inside its searched range (and the config valid)."""
+    return {key: space[key].clip(value) if key in space else value for key, value in config.items()}
 
 
 def _search(sweep: Sweep, concurrency: int):
@@ -173,7 +255,8 @@ def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment:
         plan = plan_resources(sweep, ray.cluster_resources())
         trainable = tune.with_resources(
             functools.partial(run_trial, base=base, sweep_name=name, metric=sweep.tune.metric, parent_run_id=parent_id,
-                              experiment=experiment, uri=uri, storage=str(sweep_dir / "trials")),
+                              experiment=experiment, uri=uri, storage=str(sweep_dir / "trials"),
+                              pbt_interval=pbt_interval(sweep)),
             {"CPU": plan.trial_cpus})
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -186,7 +269,11 @@ def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment:
                     search_alg=_search(sweep, plan.concurrency), num_samples=sweep.tune.num_samples,
                     time_budget_s=sweep.tune.time_budget_s or None),
                 run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve()),
-                                          failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures)),
+                                          failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
+                                          # PBT may copy any live trial's checkpoint a while after
+                                          # it was reported: keep them all.
+                                          checkpoint_config=tune.CheckpointConfig(
+                                              num_to_keep=None if sweep.tune.scheduler == "pbt" else 2)),
             )
         print(f"sweep {name}: {sweep.tune.num_samples} trials, up to {plan.concurrency} at once, "
               f"{sweep.tune.scheduler} + {sweep.tune.search}; MLflow parent run {parent_id}", flush=True)
@@ -201,32 +288,31 @@ def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment:
 
 
 def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name: str) -> pd.DataFrame:
-    """One row per trial: its sampled values, the steps Tune saw, its best and last metric and
-    its outcome; the trials' MLflow runs are closed to match (Tune ends a trial's process at
-    its last result, before the trial function could close its run)."""
+    """One row per trial: its (last) hyperparameters, the step Tune last saw, its best and last
+    metric from its MLflow run (PBT's restarts truncate Tune's own result files) and its
+    outcome; the trials' MLflow runs are closed to match (Tune ends a trial's process at its
+    last result, before the trial function could close its run)."""
     metric, iters = sweep.tune.metric, sweep.base.train.iters
     trials = tune.ExperimentAnalysis(grid.experiment_path).trials
     rows = []
     for trial, result in zip(trials, _results_by_trial(grid, trials)):
-        history = result.metrics_dataframe if result is not None else None
-        trial_id = trial.trial_id
-        steps = int(history["step"].max()) if history is not None and "step" in history else 0
-        values = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
-        best = (values.max() if sweep.tune.mode == "max" else values.min()) if len(values) else float("nan")
+        steps = int((trial.last_result or {}).get("step", 0))
         if trial.status == "ERROR":
             status = "error"
         elif trial.status != "TERMINATED":
             status = "unfinished"  # the sweep was interrupted: `--resume` continues it
         else:
             status = "completed" if steps >= iters else "stopped early"
-        row = {"trial_id": trial_id, "status": status, "steps": steps, f"best {metric}": best,
-               f"last {metric}": values.iloc[-1] if len(values) else float("nan"),
-               **{key: trial.config.get(key) for key in sweep.space}}
-        run = tracking.find_run(client, experiment, f"{name}-{trial_id}")
-        row["mlflow_run_id"] = run.info.run_id if run else None
+        run = tracking.find_run(client, experiment, f"{name}-{trial.trial_id}")
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp)) if run else []
+        values = [m.value for m in history]
+        best = (max(values) if sweep.tune.mode == "max" else min(values)) if values else float("nan")
+        rows.append({"trial_id": trial.trial_id, "status": status, "steps": steps, f"best {metric}": best,
+                     f"last {metric}": values[-1] if values else float("nan"),
+                     **{key: trial.config.get(key) for key in sweep.space},
+                     "mlflow_run_id": run.info.run_id if run else None})
         if run is not None:
             _close_trial_run(client, run, status, steps, result.error if result is not None else None)
-        rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
         table = table.sort_values(f"best {metric}", ascending=sweep.tune.mode == "min", na_position="last")

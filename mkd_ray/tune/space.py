@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mkd_ray.checkpoint import ARCHITECTURE_KEYS
 from mkd_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -46,8 +47,10 @@ class TuneSettings:
 
     metric: str = "val/miou"
     mode: Literal["max", "min"] = "max"
-    # asha: stop poor trials at evaluations; fifo: run every trial to the end.
-    scheduler: Literal["asha", "fifo"] = "asha"
+    # asha: stop poor trials at evaluations; fifo: run every trial to the end; pbt: Population
+    # Based Training, which copies the weights of good trials into poor ones and perturbs
+    # their hyperparameters, so values such as the EMA decay become schedules.
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
     search: Literal["random", "optuna"] = "random"
     # Trials to sample; with `grid` dimensions, samples of the whole grid (as in Ray Tune).
     num_samples: int = field(default=8, metadata=_range(1))
@@ -56,6 +59,11 @@ class TuneSettings:
     # ASHA: no trial stops before this step (0 = its first evaluation); rungs grow by this factor.
     grace_period: int = field(default=0, metadata=_range(0))
     reduction_factor: float = field(default=2.0, metadata=_range(1, lo_open=True))
+    # PBT: steps between exploit/explore decisions (0 = every evaluation); a multiple of
+    # train.eval_interval. The bottom `quantile_fraction` of trials copy the top ones.
+    perturbation_interval: int = field(default=0, metadata=_range(0))
+    quantile_fraction: float = field(default=0.25, metadata=_range(0, 0.5, lo_open=True))
+    resample_probability: float = field(default=0.25, metadata=_range(0, 1))
     # Stop the whole sweep after this many seconds (0 = no limit).
     time_budget_s: float = field(default=0.0, metadata=_range(0))
     # CPU held by each trial's driver (it only starts and watches its TorchTrainer).
@@ -92,6 +100,26 @@ class Dimension:
         if self.kind == "choice":
             return tune.choice(list(self.args))
         return getattr(tune, self.kind)(*self.args)
+
+    def mutation(self):
+        """What PBT perturbs: the values themselves for choice and grid (it steps to a
+        neighbour), the distribution otherwise (it scales by 0.8 or 1.2, or resamples)."""
+        from ray import tune
+
+        if self.kind in ("choice", "grid"):
+            values = list(dict.fromkeys(self.args))  # neighbours are distinct values, in order
+            return sorted(values) if all(_is_number(v) for v in values) else values
+        return getattr(tune, self.kind)(*self.args)
+
+    def clip(self, value):
+        """A perturbed value brought back inside the range, since x 1.2 can leave it."""
+        if self.kind in ("choice", "grid"):
+            return value
+        lo, hi = self.extremes()
+        value = min(max(value, lo), hi)
+        if self.kind == "quniform":
+            value = round(value / self.args[2]) * self.args[2]
+        return int(value) if self.kind == "randint" else value
 
     def describe(self) -> str:
         return f"{self.kind} {list(self.args)}"
@@ -226,3 +254,21 @@ def _check_settings(settings: TuneSettings, space: dict[str, Dimension], base: E
         raise ConfigError(f"space.{grids[0]}", f"grid works with tune.search=random, not {settings.search!r}; use choice")
     if settings.grace_period > base.train.iters:
         raise ConfigError("tune.grace_period", f"{settings.grace_period} exceeds train.iters={base.train.iters}")
+    if settings.scheduler == "pbt":
+        _check_pbt(settings, space, base)
+
+
+def _check_pbt(settings: TuneSettings, space: dict[str, Dimension], base: ExperimentConfig) -> None:
+    """PBT explores by itself, decides only where a trial has just been evaluated, and copies
+    weights between trials, so they must share one architecture."""
+    for key in space:
+        if key.startswith(ARCHITECTURE_KEYS):
+            raise ConfigError(f"space.{key}", "pbt copies weights between trials, so it cannot search a key that "
+                              f"changes the networks ({', '.join(ARCHITECTURE_KEYS)}); use asha or fifo")
+    if settings.search != "random":
+        raise ConfigError("tune.search", f"pbt samples its starting points at random and then explores on its own; "
+                          f"use search: random, not {settings.search!r}")
+    interval, train = settings.perturbation_interval or base.train.eval_interval, base.train
+    if interval % train.eval_interval or interval >= train.iters:
+        raise ConfigError("tune.perturbation_interval", f"{interval} must be a multiple of train.eval_interval="
+                          f"{train.eval_interval} and below train.iters={train.iters}")
