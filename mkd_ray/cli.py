@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from mkd_ray.checkpoint import CheckpointError
 from mkd_ray.config import ConfigError, SynthConfig, load_config
 from mkd_ray.data.io import DatasetError
+from mkd_ray.jobs import JobsError
+from mkd_ray.storage import StorageError
 
 DEFAULT_PIPELINE = "pipelines/synthetic.yaml"
 DEFAULT_SPACE = "tune_spaces/synthetic.yaml"
@@ -30,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--local", action="store_true", help="single-process loop, no Ray")
     train.add_argument("--name", help="run name; a run started again with the same name resumes (default: <config name>-<time>)")
-    train.add_argument("--storage", type=Path, default=Path("runs"), help="where runs and checkpoints live (default: %(default)s)")
+    train.add_argument("--storage", default="runs",
+                       help="where runs and checkpoints live: a folder every node reaches, or a URI such as s3://bucket/runs "
+                       "(default: %(default)s)")
     train.add_argument("--address", help="Ray cluster to join (auto, ray://..., host:port); default: start a local one")
     train.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
     train.add_argument("--summary", type=Path, help="write final metrics as JSON here")
@@ -50,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="tune.<key>=... sets a sweep setting, any other key the base pipeline (repeatable)")
     sweep.add_argument("--name", help="sweep name (default: <space>-<time>; with --resume: the latest sweep of this space)")
-    sweep.add_argument("--storage", type=Path, default=Path("runs"), help="where sweeps and trial checkpoints live (default: %(default)s)")
+    sweep.add_argument("--storage", default="runs",
+                       help="where sweeps and trial checkpoints live: a shared folder or a URI (default: %(default)s)")
     sweep.add_argument("--experiment", help="MLflow experiment (default: the base config's name)")
     sweep.add_argument("--address", help="Ray cluster to join; default: start a local one")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep without re-running finished trials")
@@ -63,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--sweep", help="only the trials of this sweep (its name or parent run id); plots go to its parent run")
     cmp.add_argument("--top", type=int, default=5, help="runs in the learning-curve and IoU plots (default: %(default)s)")
     cmp.add_argument("--out", type=Path, default=Path("compare"), help="folder for the PNGs and runs.csv (default: %(default)s)")
+
+    address_help = "the head's job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)"
+    submit = commands.add_parser("submit", help="run a run.py command on a Ray cluster as a job and follow it",
+                                 description="e.g. run.py submit --address http://HEAD:8265 -- tune --space tune_spaces/voc.yaml")
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help=address_help)
+    submit.add_argument("--working-dir", default=".", help="project folder shipped with the job (default: %(default)s)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable of the job, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000 (repeatable)")
+    submit.add_argument("--pip", action="append", default=[], metavar="PACKAGE", help="extra pip package for the job (repeatable)")
+    submit.add_argument("--num-cpus", type=float, default=0.0, help="CPUs reserved for the job's driver")
+    submit.add_argument("--num-gpus", type=float, default=0.0, help="GPUs reserved for the job's driver")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the logs")
+    submit.add_argument("job", nargs=argparse.REMAINDER, help="-- then the run.py command, e.g. -- train --pipeline P")
+
+    jobs = commands.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="the job's submission id (all but list)")
+    jobs.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help=address_help)
+    jobs.add_argument("--follow", action="store_true", help="logs: keep streaming until the job ends")
 
     data = commands.add_parser("data", help="dataset tools")
     tools = data.add_subparsers(dest="tool", required=True)
@@ -99,7 +124,7 @@ def cmd_train(args) -> int:
     if args.local:
         from mkd_ray.engine import default_run_name
 
-        result = train_local(cfg, checkpoint_dir=args.storage / (args.name or default_run_name(cfg)))
+        result = train_local(cfg, checkpoint_dir=Path(args.storage) / (args.name or default_run_name(cfg)))
         summary = {k: result.get(k) for k in ("val/miou", "val/iou", "seconds", "seconds_per_iter", "step")}
     else:
         from mkd_ray.train.trainer import fit
@@ -198,6 +223,80 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _job_command(args) -> list[str]:
+    """The run.py command to run remotely, parsed (and its config validated) here first, so a
+    typo fails before anything is uploaded."""
+    command = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not command or command[0] in ("submit", "jobs"):
+        raise ConfigError("submit", "give the run.py command to run after --, e.g. -- train --pipeline pipelines/voc.yaml")
+    try:
+        inner = build_parser().parse_args(command)
+    except SystemExit:
+        raise ConfigError("submit", f"not a valid run.py command: {' '.join(command)}") from None
+    if inner.command == "train":
+        load_config(inner.pipeline, inner.overrides)
+    elif inner.command == "tune":
+        from mkd_ray.tune.space import load_sweep
+
+        load_sweep(inner.space, inner.overrides)
+    return command
+
+
+def _job_client(address):
+    from mkd_ray import jobs
+
+    if not address:
+        raise ConfigError("--address", "name the head's job server, e.g. --address http://HEAD:8265 "
+                          "(or set RAY_API_SERVER_ADDRESS)")
+    return jobs.connect(address)
+
+
+def cmd_submit(args) -> int:
+    from mkd_ray import jobs
+
+    submission = jobs.Submission(_job_command(args), args.working_dir, jobs.parse_env(args.env), args.pip,
+                                 args.num_cpus, args.num_gpus)
+    if not Path(args.working_dir, "run.py").is_file():
+        raise ConfigError("--working-dir", f"{args.working_dir} does not hold run.py; give the project folder")
+    if "MLFLOW_TRACKING_URI" not in submission.runtime_env()["env_vars"]:
+        print("note: no MLFLOW_TRACKING_URI given, so the job logs to a SQLite file in its own working directory on "
+              "the cluster; pass --env MLFLOW_TRACKING_URI=<a tracking server every node reaches>", file=sys.stderr)
+    client = _job_client(args.address)
+    job_id = jobs.submit(client, submission)
+    print(f"submitted job {job_id}: {submission.entrypoint()}", file=sys.stderr)
+    if args.no_wait:
+        print(job_id)
+        return 0
+    return jobs.follow(client, job_id, args.address)
+
+
+def cmd_jobs(args) -> int:
+    from mkd_ray import jobs
+
+    client = _job_client(args.address)
+    if args.action == "list":
+        rows = jobs.list_jobs(client)
+        for row in rows:
+            print(f"{row['id']:<28} {row['status']:<10} {row['started']:<20} {row['entrypoint']}")
+        print(f"{len(rows)} jobs")
+        return 0
+    if not args.job_id:
+        raise ConfigError("job_id", f"`jobs {args.action}` needs a job id (see `run.py jobs list`)")
+    if args.action == "status":
+        info = jobs.job_info(client, args.job_id)
+        print(f"{args.job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
+        return 0
+    if args.action == "stop":
+        jobs.stop(client, args.job_id)
+        print(f"stop requested for {args.job_id}")
+        return 0
+    jobs.job_info(client, args.job_id)
+    if args.follow:
+        return jobs.follow(client, args.job_id, args.address)
+    print(client.get_job_logs(args.job_id), end="")
+    return 0
+
+
 def cmd_data(args) -> int:
     from mkd_ray.data import io, splits, synthetic
 
@@ -243,9 +342,10 @@ def _pack(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "tune": cmd_tune, "compare": cmd_compare, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "tune": cmd_tune, "compare": cmd_compare, "data": cmd_data,
+               "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
     try:
         return handler(args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -195,6 +195,9 @@ class ScalingConfig:
     # CPUs each Ray Data augmentation task reserves; below 1 lets several trials of a sweep
     # share a small machine (their workers must leave this much free, or the stream stalls).
     data_cpus: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    # Where Ray places the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them
+    # on different nodes (one worker per node with STRICT_SPREAD).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass

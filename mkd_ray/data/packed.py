@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mkd_ray.data.io import DatasetError, PackedRow, SampleRef, parse_split_lines
+from mkd_ray.storage import exists, filesystem, join, read_text, write_bytes
 
 MANIFEST = "pack.json"
 FORMAT = "mkd_ray.pack/1"
@@ -34,46 +35,6 @@ SCHEMA = pa.schema([
     ("mask_path", pa.string()),
     ("mask", pa.binary()),
 ])
-
-
-def is_uri(location: str) -> bool:
-    return "://" in str(location)
-
-
-def join(location: str, *parts: str) -> str:
-    """Join path parts onto a local path or a URI (pathlib would collapse 's3://')."""
-    return "/".join([str(location).rstrip("/"), *parts])
-
-
-def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for a URI (s3://, gs://, hdfs://, file://) or a local path."""
-    if not is_uri(location):
-        location = str(Path(location).resolve())
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        raise DatasetError(f"cannot open {location}: {exc} (give a local path or a pyarrow URI such as s3://bucket/pack)") from None
-
-
-def read_text(location: str) -> str:
-    fs, path = _filesystem(location)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read().decode()
-    except FileNotFoundError:
-        raise DatasetError(f"{location} does not exist") from None
-
-
-def exists(location: str) -> bool:
-    fs, path = _filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def _write_bytes(location: str, data: bytes) -> None:
-    fs, path = _filesystem(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
 
 
 # -- writing -------------------------------------------------------------------------
@@ -101,7 +62,7 @@ def write_pack(root: Path, splits_dir: Path, out: str, rows_per_file: int = 256,
     """Pack the samples named by the split files under `splits_dir` (paths relative to
     `root`) into `out`, a local path or URI that must not hold a pack or anything else."""
     root, splits_dir = Path(root), Path(splits_dir)
-    fs, base = _filesystem(out)
+    fs, base = filesystem(out)
     if fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         raise DatasetError(f"--out {out} is not empty; give a new location (nothing was written)")
     started = time.perf_counter()
@@ -122,10 +83,10 @@ def write_pack(root: Path, splits_dir: Path, out: str, rows_per_file: int = 256,
                        compression="none", write_statistics=False)
         files.append({"path": name, "rows": len(chunk)})
     for listing in lists:
-        _write_bytes(join(out, "splits", listing.relative_to(splits_dir).as_posix()), listing.read_bytes())
+        write_bytes(join(out, "splits", listing.relative_to(splits_dir).as_posix()), listing.read_bytes())
     manifest = {"format": FORMAT, "rows": len(samples), "rows_per_group": rows_per_group, "files": files,
                 "source": str(root), "seconds": round(time.perf_counter() - started, 2)}
-    _write_bytes(join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    write_bytes(join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest
 
 
@@ -168,7 +129,7 @@ def read_split(location: str, pack: str, need_masks: bool = True) -> list[Sample
 
 @functools.lru_cache(maxsize=64)
 def _parquet_file(file: str) -> pq.ParquetFile:
-    fs, path = _filesystem(file)
+    fs, path = filesystem(file)
     return pq.ParquetFile(fs.open_input_file(path))
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mkd_ray.config import ExperimentConfig
+from mkd_ray import storage
 from mkd_ray.data import packed, synthetic
 from mkd_ray.data.io import DatasetError, SampleRef, read_mask, read_split_file
 
@@ -33,7 +34,7 @@ def ensure_synthetic(cfg: ExperimentConfig, log=print) -> None:
 
 def splits_location(cfg: ExperimentConfig) -> str:
     """The folder (or URI) holding val.txt and the split folders."""
-    return cfg.data.splits_dir or packed.join(cfg.data.root, "splits")
+    return cfg.data.splits_dir or storage.join(cfg.data.root, "splits")
 
 
 def resolve_data(cfg: ExperimentConfig) -> ExperimentData:
@@ -42,7 +43,7 @@ def resolve_data(cfg: ExperimentConfig) -> ExperimentData:
     root = cfg.data.root
     if cfg.data.format == "parquet":
         packed.pack_index(root)  # fails first, and clearly, if root is not a pack
-        exists = packed.exists
+        exists = storage.exists
 
         def read(location: str, need_masks: bool = True) -> list[SampleRef]:
             return packed.read_split(location, root, need_masks)
@@ -58,18 +59,18 @@ def resolve_data(cfg: ExperimentConfig) -> ExperimentData:
 
     splits = splits_location(cfg)
     split = cfg.data.split
-    if not exists(packed.join(split, "labeled.txt")):
-        split = packed.join(splits, split)
-    if not exists(packed.join(split, "labeled.txt")):
+    if not exists(storage.join(split, "labeled.txt")):
+        split = storage.join(splits, split)
+    if not exists(storage.join(split, "labeled.txt")):
         raise DatasetError(
             f"data.split {cfg.data.split!r}: no labeled.txt in {split} "
             f"(give a split name under {splits} or a folder holding labeled.txt and unlabeled.txt)"
         )
-    unlabeled_at = packed.join(split, "unlabeled.txt")
+    unlabeled_at = storage.join(split, "unlabeled.txt")
     unlabeled = read(unlabeled_at, need_masks=False) if exists(unlabeled_at) else []
     if not unlabeled and cfg.method.name != "supervised":
         raise DatasetError(f"{unlabeled_at} is missing or empty; method {cfg.method.name!r} needs unlabeled images")
-    return ExperimentData(read(packed.join(split, "labeled.txt")), unlabeled, read(packed.join(splits, "val.txt")))
+    return ExperimentData(read(storage.join(split, "labeled.txt")), unlabeled, read(storage.join(splits, "val.txt")))
 
 
 def check_masks(cfg: ExperimentConfig, data: ExperimentData) -> None:

@@ -7,11 +7,13 @@ students by EMA on every rank identically. Only rank 0 writes checkpoints.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -73,6 +75,17 @@ def _consistency_metrics(method, seen_draws: set, world: int) -> dict[str, float
     return {"ddp/max_param_diff": drift, "data/shared_draws": float(shared)}
 
 
+def _topology(context, world: int) -> list[dict]:
+    """Every rank's place in the cluster (gathered on all ranks): which node, which local rank."""
+    me = {"world_rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
+          "node_rank": context.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id()}
+    if world == 1:
+        return [me]
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, me)
+    return ranks
+
+
 def _broadcast_buffers(method, world: int) -> None:
     """Give every rank rank 0's BatchNorm statistics (students and teachers).
 
@@ -128,6 +141,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         method.wrap_students(lambda student: DistributedDataParallel(student, device_ids=ids))
     optimizer, scheduler = build_optimizer(method, cfg.train)
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
+    topology = _topology(context, world)
+    if rank == 0:
+        nodes = len({r["node_id"] for r in topology})
+        print(f"{world} workers on {nodes} node(s): " + ", ".join(
+            f"rank {r['world_rank']} = node {r['node_rank']} local {r['local_rank']}" for r in topology), flush=True)
+        if logger:
+            logger.text(json.dumps(topology, indent=2), "topology.json")
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")

@@ -13,7 +13,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from mkd_ray import checkpoint as ckpt
-from mkd_ray import tracking
+from mkd_ray import storage, tracking
 from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
 from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
@@ -35,20 +35,21 @@ def connect(address: Optional[str] = None) -> None:
         ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
 
 
-def latest_step(run_dir: Path) -> int:
+def latest_step(run_dir: str) -> int:
     """The step of the checkpoint Ray Train will restore for this run (0 if none), read from
     the checkpoint manager's snapshot: the same record `ray.train.get_checkpoint()` uses, so
-    the unlabeled stream and the restored weights agree, also after a worker-group restart."""
-    snapshot = Path(run_dir) / _SNAPSHOT
-    if not snapshot.is_file():
+    the unlabeled stream and the restored weights agree, also after a worker-group restart.
+    `run_dir` is a local path or a URI (a cluster's shared storage)."""
+    snapshot = storage.join(run_dir, _SNAPSHOT)
+    if not storage.exists(snapshot):
         return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
     match = _STEP_DIR.match(latest.get("checkpoint_dir_name", ""))
     return int(match.group(1)) if match else 0
 
 
 def build_trainer(
-    cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: Path, mlflow_run: Optional[dict] = None,
+    cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: str, mlflow_run: Optional[dict] = None,
     max_failures: int = 2, callbacks: tuple = (), initial_checkpoint: Optional[ray.train.Checkpoint] = None,
 ) -> TorchTrainer:
     """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here).
@@ -56,14 +57,14 @@ def build_trainer(
     `initial_checkpoint` starts a new run from another run's state (PBT hands trials each
     other's weights); a run's own checkpoints, once it has any, take precedence, as Ray's do.
     """
-    storage_path = Path(storage_path).resolve()
+    storage_path = storage.resolve(storage_path)  # a shared filesystem path or an object-store URI
     initial_step = checkpoint_step(initial_checkpoint) if initial_checkpoint is not None else 0
     datasets = {}
     if data.unlabeled and cfg.method.name != "supervised":
         # A factory: Ray Train calls it each time the worker group starts, so a group restarted
         # after a failure streams from its checkpoint's draw, not from the run's beginning.
         datasets["unlabeled"] = functools.partial(
-            _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage_path / name, initial_step)
+            _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow": mlflow_run, "initial_checkpoint": initial_checkpoint},
@@ -71,10 +72,11 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
@@ -89,7 +91,7 @@ def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
         return int(ckpt.load_state(directory, mmap=True)["step"])
 
 
-def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: Path, initial_step: int = 0):
+def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int = 0):
     start = latest_step(run_dir) or initial_step
     per_step = draws_per_step(cfg)
     return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step)
@@ -102,18 +104,20 @@ def _ordered_ingest():
     return options
 
 
-def _check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
+def _check_resumable(cfg: ExperimentConfig, run_dir: str) -> None:
     """A run started again must fit its checkpoint: name the differing keys before Ray starts."""
     step = latest_step(run_dir)
     if step:
-        at = run_dir / f"step_{step:08d}"
-        ckpt.check_compatible(ckpt.checkpoint_config(ckpt.load_state(at, mmap=True)), cfg, f"run {run_dir.name} ({at})")
+        at = storage.join(run_dir, f"step_{step:08d}")
+        with ray.train.Checkpoint(at).as_directory() as directory:
+            saved = ckpt.checkpoint_config(ckpt.load_state(directory, mmap=True))
+        ckpt.check_compatible(saved, cfg, f"run {run_dir.rsplit('/', 1)[-1]} ({at})")
 
 
 def fit(
     cfg: ExperimentConfig,
     name: Optional[str] = None,
-    storage_path: Path = Path("runs"),
+    storage_path: str = "runs",
     address: Optional[str] = None,
     experiment: Optional[str] = None,
 ):
@@ -127,14 +131,15 @@ def fit(
     ensure_synthetic(cfg)
     data = resolve_data(cfg)  # every listed file exists: fail here, before Ray starts
     check_masks(cfg, data)
-    _check_resumable(cfg, Path(storage_path).resolve() / name)
+    _check_resumable(cfg, storage.join(storage.resolve(storage_path), name))
     logger = tracking.open_run(cfg, experiment or cfg.name, name)
     try:
         connect(address)
         mlflow_run = {"uri": tracking.tracking_uri(), "run_id": logger.run_id}
         result = build_trainer(cfg, data, name, storage_path, mlflow_run).fit()
         if result.checkpoint is not None:
-            logger.file(Path(result.checkpoint.path) / "state.pt", "model")
+            with result.checkpoint.as_directory() as directory:
+                logger.file(Path(directory) / ckpt.FILENAME, "model")
     except BaseException as exc:
         tracking.close_run(logger, exc)
         raise

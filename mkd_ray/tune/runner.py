@@ -29,6 +29,7 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
+from mkd_ray import storage as storage_paths
 from mkd_ray import tracking
 from mkd_ray.config import ConfigError, ExperimentConfig, config_from_dict, with_absolute_paths
 from mkd_ray.data.sources import check_masks, ensure_synthetic, resolve_data
@@ -82,9 +83,9 @@ def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_ru
     mlflow_run = {"uri": uri, "run_id": logger.run_id}
     try:
         if pbt_interval:
-            _train_for_pbt(cfg, sampled, trial_id, metric, Path(storage), mlflow_run)
+            _train_for_pbt(cfg, sampled, trial_id, metric, storage, mlflow_run)
         else:
-            build_trainer(cfg, resolve_data(cfg), trial_id, Path(storage), mlflow_run,
+            build_trainer(cfg, resolve_data(cfg), trial_id, storage, mlflow_run,
                           callbacks=[EvaluationsToTune(metric)]).fit()
     except SystemExit:  # Tune stopping or pausing the trial: the driver settles its run
         raise
@@ -94,7 +95,7 @@ def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_ru
     tracking.close_run(logger)
 
 
-def _train_for_pbt(cfg: ExperimentConfig, sampled: dict, trial_id: str, metric: str, storage: Path,
+def _train_for_pbt(cfg: ExperimentConfig, sampled: dict, trial_id: str, metric: str, storage: str,
                    mlflow_run: dict) -> None:
     """Fit in a helper thread and report each checkpointed evaluation to Tune from this one.
 
@@ -215,13 +216,15 @@ def _open_parent(sweep: Sweep, experiment: str, name: str, uri: str) -> str:
     return run_id
 
 
-def latest_sweep(storage: Path, prefix: str) -> str:
-    """The most recent restorable sweep under `storage` whose name starts with `prefix`."""
-    candidates = sorted((p for p in Path(storage).glob(f"{prefix}-*") if tune.Tuner.can_restore(str(p.resolve()))),
-                        key=lambda p: p.stat().st_mtime)
+def latest_sweep(storage: str, prefix: str) -> str:
+    """The most recent restorable sweep under `storage` whose name starts with `prefix` (names
+    end in a sortable time stamp)."""
+    location = storage_paths.resolve(storage)
+    candidates = [name for name in storage_paths.children(location)
+                  if name.startswith(f"{prefix}-") and tune.Tuner.can_restore(storage_paths.join(location, name))]
     if not candidates:
         raise ConfigError("--resume", f"no sweep named {prefix}-* to resume under {storage}; give --name")
-    return candidates[-1].name
+    return candidates[-1]
 
 
 @dataclass
@@ -233,7 +236,7 @@ class SweepSummary:
     path: str
 
 
-def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment: Optional[str] = None,
+def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Optional[str] = None,
               address: Optional[str] = None, resume: bool = False) -> SweepSummary:
     """Run (or, with `resume`, continue) the sweep `name` under `storage/<name>`."""
     started = time.perf_counter()
@@ -241,10 +244,11 @@ def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment:
     ensure_synthetic(base_cfg)
     check_masks(base_cfg, resolve_data(base_cfg))  # a bad dataset fails here, before Ray starts
     base = yaml.safe_load(yaml.safe_dump(base_cfg.to_dict()))
-    sweep_dir = Path(storage).resolve() / name
-    if resume and not tune.Tuner.can_restore(str(sweep_dir)):
+    storage = storage_paths.resolve(storage)  # a shared filesystem path or an object-store URI
+    sweep_dir = storage_paths.join(storage, name)
+    if resume and not tune.Tuner.can_restore(sweep_dir):
         raise ConfigError("--resume", f"no sweep to resume at {sweep_dir}; run it first without --resume")
-    if not resume and sweep_dir.exists():
+    if not resume and storage_paths.exists(sweep_dir):
         raise ConfigError("--name", f"sweep {name!r} already exists at {sweep_dir}; pass --resume to continue it")
     uri = tracking.tracking_uri()
     experiment = experiment or sweep.base.name
@@ -255,11 +259,11 @@ def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment:
         plan = plan_resources(sweep, ray.cluster_resources())
         trainable = tune.with_resources(
             functools.partial(run_trial, base=base, sweep_name=name, metric=sweep.tune.metric, parent_run_id=parent_id,
-                              experiment=experiment, uri=uri, storage=str(sweep_dir / "trials"),
+                              experiment=experiment, uri=uri, storage=storage_paths.join(sweep_dir, "trials"),
                               pbt_interval=pbt_interval(sweep)),
             {"CPU": plan.trial_cpus})
         if resume:
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -268,7 +272,7 @@ def run_sweep(sweep: Sweep, name: str, storage: Path = Path("runs"), experiment:
                     metric=sweep.tune.metric, mode=sweep.tune.mode, scheduler=_scheduler(sweep),
                     search_alg=_search(sweep, plan.concurrency), num_samples=sweep.tune.num_samples,
                     time_budget_s=sweep.tune.time_budget_s or None),
-                run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve()),
+                run_config=tune.RunConfig(name=name, storage_path=storage,
                                           failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
                                           # PBT may copy any live trial's checkpoint a while after
                                           # it was reported: keep them all.
