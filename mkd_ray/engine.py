@@ -7,6 +7,7 @@ framework-overhead benchmark compare Ray Train against; the distributed loop reu
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,8 @@ class ProgressMeter:
         out["images_per_s"] = rate * self.images_per_step
         out["seconds_per_iter"] = 1.0 / rate
         out["eta_s"] = (self.total_iters - step) / rate
+        # Peak resident memory of this process so far (Linux reports KiB).
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self._sums, self._n, self._last_t, self._last_step = {}, 0, now, step
         return out
 

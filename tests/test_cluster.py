@@ -2,12 +2,9 @@
 its head, and the KubeRay manifests."""
 
 import json
-import os
 import shlex
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -17,17 +14,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mkd_ray.cli import build_parser
+from mkd_ray.localcluster import free_port, local_cluster
 from mkd_ray.tune.space import load_sweep
 from tests.conftest import REPO
 
 TRAIN = ["train.iters=6", "train.eval_interval=6", "train.checkpoint_interval=6", "train.log_interval=3",
          "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sets(overrides) -> list[str]:
@@ -36,33 +28,16 @@ def _sets(overrides) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head (1 CPU, with the job server) and a second node (1 CPU) on 127.0.0.2, started
-    with `ray start` from this venv, as an operator would. Ray tells nodes apart by IP, so
-    the second node gets its own node rank."""
-    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_TMPDIR": temp_dir}
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    start = [ray_cli, "start", "--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run([*start, "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=true",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir],
-                   check=True, capture_output=True, env=env, timeout=180)
-    try:
-        # The head enables token authentication; joining it needs the token too.
-        subprocess.run([*start, "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.2"],
-                       check=True, capture_output=True, env={**env, "RAY_AUTH_MODE": "token"}, timeout=180)
-        yield {"gcs": f"127.0.0.1:{port}", "jobs": f"http://127.0.0.1:{dashboard}", "env": env}
-    finally:
-        # `ray stop` ends every Ray process on the machine: no other test's cluster is alive here.
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=180)
+    """A head (1 CPU, with the job server) and a second node (1 CPU) on 127.0.0.2."""
+    with local_cluster(nodes=2, cpus_per_node=1) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 def mlflow_env(two_nodes, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    return {**two_nodes["env"], "MLFLOW_TRACKING_URI": uri}
+    return {**two_nodes.env, "MLFLOW_TRACKING_URI": uri}
 
 
 def _train(tiny_overrides, env, summary: Path, storage: str, *args) -> dict:
@@ -77,16 +52,19 @@ def _train(tiny_overrides, env, summary: Path, storage: str, *args) -> dict:
 def test_two_node_training_places_one_worker_per_node_and_matches_one_node(two_nodes, mlflow_env, tiny_overrides,
                                                                              tmp_path):
     two = ["--set", "scaling.num_workers=2"]
-    spread = _train(tiny_overrides, {**mlflow_env, "RAY_AUTH_MODE": "token"}, tmp_path / "spread.json",
+    spread = _train(tiny_overrides, mlflow_env, tmp_path / "spread.json",
                     f"file://{tmp_path / 'shared'}",  # storage by URI, as a cluster's object store would be
-                    *two, "--set", "scaling.placement_strategy=STRICT_SPREAD", "--address", two_nodes["gcs"])
+                    *two, "--set", "scaling.placement_strategy=STRICT_SPREAD", "--address", two_nodes.gcs)
     topology = json.loads(mlflow.artifacts.load_text(f"runs:/{spread['mlflow_run_id']}/topology.json"))
     assert len({r["node_id"] for r in topology}) == 2
     assert sorted((r["world_rank"], r["node_rank"], r["local_rank"]) for r in topology) == [(0, 0, 0), (1, 1, 0)]
     assert spread["data/shared_draws"] == 0.0 and spread["ddp/max_param_diff"] == 0.0
 
-    # The same seed on one node (its own local cluster): same schedule, same draws, same math.
+    # The same seed on one node (PACK; without --address Ray joins the cluster of this machine,
+    # and both workers land on one node): same schedule, same draws, same math.
     packed = _train(tiny_overrides, mlflow_env, tmp_path / "packed.json", str(tmp_path / "local"), *two)
+    one_node = json.loads(mlflow.artifacts.load_text(f"runs:/{packed['mlflow_run_id']}/topology.json"))
+    assert len({r["node_id"] for r in one_node}) == 1
     assert spread["val/miou"] == pytest.approx(packed["val/miou"], abs=1e-6)
     a = torch.load(Path(spread["checkpoint"]) / "state.pt", weights_only=True)["method"]
     b = torch.load(Path(packed["checkpoint"]) / "state.pt", weights_only=True)["method"]
@@ -96,7 +74,7 @@ def test_two_node_training_places_one_worker_per_node_and_matches_one_node(two_n
 
 def _submit(two_nodes, env, *args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # submit finds ~/.ray/auth_token by itself
-    return subprocess.run([sys.executable, "run.py", "submit", "--address", two_nodes["jobs"], *args], cwd=REPO,
+    return subprocess.run([sys.executable, "run.py", "submit", "--address", two_nodes.jobs, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -113,24 +91,24 @@ def test_submit_runs_a_job_whose_status_sets_the_exit_code(two_nodes, mlflow_env
         "data.dataset=folder", "data.root=/nonexistent/mkd-data"]), "--experiment", "submitted")
     assert bad.returncode == 1 and "FAILED" in bad.stderr and "/nonexistent/mkd-data" in bad.stdout
 
-    listing = subprocess.run([sys.executable, "run.py", "jobs", "list", "--address", two_nodes["jobs"]], cwd=REPO,
+    listing = subprocess.run([sys.executable, "run.py", "jobs", "list", "--address", two_nodes.jobs], cwd=REPO,
                              capture_output=True, text=True, timeout=120, env=mlflow_env)
     assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout and "FAILED" in listing.stdout
     failed_id = next(line.split()[0] for line in listing.stdout.splitlines() if " FAILED " in line)
-    status = subprocess.run([sys.executable, "run.py", "jobs", "status", failed_id, "--address", two_nodes["jobs"]],
+    status = subprocess.run([sys.executable, "run.py", "jobs", "status", failed_id, "--address", two_nodes.jobs],
                             cwd=REPO, capture_output=True, text=True, timeout=120, env=mlflow_env)
     assert status.returncode == 0 and status.stdout.startswith(f"{failed_id} FAILED")
 
 
 @pytest.mark.ray
 def test_submit_names_a_wrong_token_an_unreachable_server_and_a_bad_command(two_nodes, tmp_path):
-    env = {**two_nodes["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+    env = {**two_nodes.env, "RAY_AUTH_TOKEN": "not-the-token"}
     wrong = _submit(two_nodes, env, "--", "train")
     assert wrong.returncode == 2 and "refused the credentials" in wrong.stderr and "not-the-token" not in wrong.stderr
-    nowhere = subprocess.run([sys.executable, "run.py", "jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120, env=two_nodes["env"])
+    nowhere = subprocess.run([sys.executable, "run.py", "jobs", "list", "--address", f"http://127.0.0.1:{free_port()}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120, env=two_nodes.env)
     assert nowhere.returncode == 2 and "cannot reach a Ray job server" in nowhere.stderr
-    typo = _submit(two_nodes, two_nodes["env"], "--", "train", "--set", "method.ema_decy=0.9")
+    typo = _submit(two_nodes, two_nodes.env, "--", "train", "--set", "method.ema_decy=0.9")
     assert typo.returncode == 2 and "did you mean 'ema_decay'" in typo.stderr  # checked before uploading anything
 
 

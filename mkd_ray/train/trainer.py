@@ -25,7 +25,9 @@ _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of regis
 
 
 def connect(address: Optional[str] = None) -> None:
-    """Join an existing cluster (`auto`, `ray://...`, GCS address) or start a local one on 127.0.0.1."""
+    """Join the cluster at `address` (`auto`, `ray://...`, a GCS address). Without one, Ray's
+    own lookup: RAY_ADDRESS (set inside a submitted job), then a cluster `ray start` left on
+    this machine, else a new local instance bound to 127.0.0.1."""
     if ray.is_initialized():
         return
     if address:

@@ -1,0 +1,38 @@
+"""Shared by the harnesses: run.py invocations and the JSON each harness prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def train(overrides: list[str], env: dict, *args: str) -> dict:
+    """`run.py train` in a subprocess; returns its --summary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        command = [sys.executable, "run.py", "train", *sets(overrides), "--storage", str(Path(tmp) / "runs"),
+                   "--summary", str(summary), *args]
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={
+            **os.environ, **env, "MLFLOW_TRACKING_URI": f"sqlite:///{Path(tmp) / 'mlflow.db'}"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(summary.read_text())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result, indent=2, default=float))

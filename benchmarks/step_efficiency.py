@@ -1,0 +1,124 @@
+"""step_efficiency: one MKD iteration against the sum of its irreducible parts, each timed
+alone on the same batch, and what a naive step (a forward per loss term) costs.
+
+    .venv/bin/python benchmarks/step_efficiency.py [--repeats 3] [--iters 30] [--smoke]
+
+Parts: each student's forward+backward on its concatenated labeled + strong batch, each
+teacher's forward on the weak batch, the EMA update of the teachers and the optimizer step.
+ratio = full step / sum of parts (goal <= 1.10): what the losses, thresholds, CutMix mixing
+and ISDA add. naive_ratio = naive step / full step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import REPO, emit, median
+from step_overhead import _batches
+
+GOAL = 1.10
+
+
+def _timed(fn, iters: int) -> float:
+    """Median seconds of `fn` over `iters` calls, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return median(samples)
+
+
+def measure(cfg, batch, iters: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from mkd_ray.engine import build_method
+    from mkd_ray.method import build_optimizer, train_step
+    from mkd_ray.method.mkd import _mix
+
+    method = build_method(cfg)
+    method.train()
+    optimizer, scheduler = build_optimizer(method, cfg.train)
+    students_in = torch.cat([batch.x_l, _mix(batch.cutmix, batch.x_s)])
+    target = torch.cat([batch.y_l, batch.y_l.new_zeros(batch.x_s.shape[0], *batch.y_l.shape[1:])])
+
+    def student_part(i):
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(method.students[i](students_in)["logits"], target, ignore_index=255).backward()
+        return run
+
+    def teacher_part(i):
+        def run():
+            with torch.no_grad():
+                method.teachers[i](batch.x_w)
+        return run
+
+    parts = {f"student{i + 1}_fwd_bwd": _timed(student_part(i), iters) for i in range(2)}
+    parts.update({f"teacher{i + 1}_fwd": _timed(teacher_part(i), iters) for i in range(2)})
+    parts["ema_update"] = _timed(method.update_teachers, iters)
+    student_part(0)(), student_part(1)()  # gradients in place, as the step leaves them
+    parts["optimizer_step"] = _timed(optimizer.step, iters)
+    full = _timed(lambda: train_step(method, optimizer, scheduler, batch), iters)
+    naive = _timed(lambda: naive_step(method, optimizer, batch), iters)
+    return {"parts_s": parts, "sum_of_parts_s": sum(parts.values()), "full_step_s": full, "naive_step_s": naive}
+
+
+def naive_step(method, optimizer, batch) -> None:
+    """The same losses with a forward per term: labeled and strong images through each student
+    separately, and the strong images again for the student<->student term."""
+    import torch
+    import torch.nn.functional as F
+
+    from mkd_ray.method.mkd import _mix
+
+    method.update_teachers()
+    x_mix = _mix(batch.cutmix, batch.x_s)
+    targets = [method._teacher_targets(t, batch, 0.0) for t in range(2)]
+    loss = batch.x_l.new_zeros(())
+    for i, student in enumerate(method.students):
+        loss = loss + F.cross_entropy(student(batch.x_l)["logits"], batch.y_l, ignore_index=255)
+        conf, label = targets[1 - i]
+        pixel = F.cross_entropy(student(x_mix)["logits"], label, reduction="none")
+        loss = loss + (pixel * (conf >= method.cfg.tau_t)).mean()
+        with torch.no_grad():
+            other = method.students[1 - i](x_mix)["logits"].argmax(1)
+        loss = loss + F.cross_entropy(student(x_mix)["logits"], other)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a few iterations, to check the harness runs")
+    args = parser.parse_args()
+    import torch
+
+    from mkd_ray.config import load_config
+    from mkd_ray.engine import to_batch
+
+    torch.set_num_threads(args.threads)
+    overrides = [f"data.root={REPO / 'data' / 'synthetic'}"]
+    if args.smoke:
+        overrides += ["model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32"]
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", overrides)
+    repeats, iters = (1, 2) if args.smoke else (args.repeats, args.iters)
+    labeled, unlabeled = _batches(cfg, 1)[0]
+    batch = to_batch(labeled, unlabeled, cfg, torch.device("cpu"))
+    runs = [measure(cfg, batch, iters) for _ in range(repeats)]
+    ratio = median([r["full_step_s"] / r["sum_of_parts_s"] for r in runs])
+    emit({"name": "step_efficiency", "ratio": ratio, "goal": GOAL, "meets_goal": ratio <= GOAL, "smoke": args.smoke,
+          "naive_ratio": median([r["naive_step_s"] / r["full_step_s"] for r in runs]), "runs": runs,
+          "threads": args.threads})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""step_overhead: MKD iterations/s inside a Ray Train worker (1 worker) divided by the same
+step function in this process, on the same in-memory batches with the same threads.
+
+    .venv/bin/python benchmarks/step_overhead.py [--repeats 3] [--steps 60] [--smoke]
+
+What it isolates is Ray Train's share of a step (the worker process, its session and a
+`ray.train.report` every `train.log_interval` steps, as the real loop does); data loading is
+out of the picture because both sides cycle the same pre-built batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, emit, median
+
+GOAL = 0.95
+WARMUP = 5
+
+
+def _batches(cfg, count: int) -> list:
+    """`count` training batches of the default pipeline, decoded and augmented once."""
+    from mkd_ray.data.sources import ensure_synthetic, resolve_data
+    from mkd_ray.data.torch_data import endless_loader
+
+    ensure_synthetic(cfg)
+    data = resolve_data(cfg)
+    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size))
+    unlabeled = iter(endless_loader(data.unlabeled, cfg, False, cfg.data.unlabeled_batch_size))
+    return [(next(labeled), next(unlabeled)) for _ in range(count)]
+
+
+def iterations_per_s(cfg_tree: dict, batches: list, steps: int, threads: int, report_every: int = 0) -> float:
+    """The timed loop both sides run: train_step over the batches, cycling."""
+    import torch
+
+    from mkd_ray.config import config_from_dict
+    from mkd_ray.engine import build_method, to_batch
+    from mkd_ray.method import build_optimizer, train_step
+
+    torch.set_num_threads(threads)
+    cfg = config_from_dict(cfg_tree)
+    method = build_method(cfg)
+    method.train()
+    optimizer, scheduler = build_optimizer(method, cfg.train)
+    prepared = [to_batch(l, u, cfg, torch.device("cpu")) for l, u in batches]
+    report = None
+    if report_every:
+        import ray.train
+
+        report = ray.train.report
+    for step in range(WARMUP + steps):
+        if step == WARMUP:
+            started = time.perf_counter()
+        out = train_step(method, optimizer, scheduler, prepared[step % len(prepared)])
+        if report and (step + 1) % report_every == 0:
+            report({"step": step + 1, "loss": out.metrics["loss"].item()})
+    return steps / (time.perf_counter() - started)
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    rate = iterations_per_s(config["cfg"], config["batches"], config["steps"], config["threads"], config["report_every"])
+    with tempfile.TemporaryDirectory() as tmp:  # only reports with a checkpoint reach Result.metrics
+        Path(tmp, "rate.json").write_text(json.dumps({"rate": rate}))
+        ray.train.report({"rate": rate}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def on_ray_train(cfg, batches: list, steps: int, threads: int) -> float:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    with tempfile.TemporaryDirectory() as storage:
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"cfg": cfg.to_dict(), "batches": batches, "steps": steps, "threads": threads,
+                               "report_every": cfg.train.log_interval},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            run_config=ray.train.RunConfig(storage_path=storage, name="step_overhead"),
+        )
+        return trainer.fit().metrics["rate"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a few steps, to check the harness runs")
+    args = parser.parse_args()
+    from mkd_ray.config import load_config
+    from mkd_ray.train.trainer import connect
+
+    overrides = [f"data.root={REPO / 'data' / 'synthetic'}", "train.log_interval=25"]
+    if args.smoke:
+        overrides += ["model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32"]
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", overrides)
+    repeats, steps = (1, 4) if args.smoke else (args.repeats, args.steps)
+    batches = _batches(cfg, 4)
+    connect()  # a local cluster on 127.0.0.1, as `run.py train` starts it
+    local, remote = [], []
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both sides
+        local.append(iterations_per_s(cfg.to_dict(), batches, steps, args.threads))
+        remote.append(on_ray_train(cfg, batches, steps, args.threads))
+    ratio = median(remote) / median(local)
+    emit({"name": "step_overhead", "ratio": ratio, "goal": GOAL, "meets_goal": ratio >= GOAL, "smoke": args.smoke,
+          "unit": "iterations/s", "single_process": local, "ray_train_1_worker": remote, "steps": steps,
+          "threads": args.threads})
+
+
+if __name__ == "__main__":
+    main()

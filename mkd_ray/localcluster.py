@@ -1,0 +1,62 @@
+"""A Ray cluster of several nodes on this one machine, started with `ray start` as an operator
+would (for tests and benchmarks of multi-node behaviour). Node i listens on 127.0.0.(i+1):
+Ray tells nodes apart by IP, so each gets its own node rank, and everything stays on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+@dataclass
+class LocalCluster:
+    gcs: str  # for --address
+    jobs: str  # the job server, for run.py submit / jobs
+    env: dict  # environment for processes that use the cluster (venv on PATH, token auth on)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _on_core(core: Optional[int]):
+    """A preexec_fn that pins a node's processes (they inherit it) to one core."""
+    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+
+
+@contextmanager
+def local_cluster(nodes: int = 2, cpus_per_node: float = 1, pin_cores: bool = False) -> Iterator[LocalCluster]:
+    """Start a head with the job server and `nodes - 1` more nodes; stop them all on exit.
+
+    `pin_cores` puts node i's processes on core i, so that a node of one CPU really has one
+    core (Ray's CPU counts are only bookkeeping). `ray stop` on exit ends every Ray process
+    of this machine, so use it where no other Ray instance runs."""
+    if pin_cores and nodes > len(os.sched_getaffinity(0)):
+        raise ValueError(f"cannot pin {nodes} nodes to {len(os.sched_getaffinity(0))} cores")
+    cores = sorted(os.sched_getaffinity(0)) if pin_cores else [None] * nodes
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TMPDIR": temp_dir}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    start = [str(bin_dir / "ray"), "start", "--num-cpus", f"{cpus_per_node:g}", "--disable-usage-stats"]
+    try:
+        subprocess.run([*start, "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=true",
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir],
+                       check=True, capture_output=True, env=env, timeout=180, preexec_fn=_on_core(cores[0]))
+        env["RAY_AUTH_MODE"] = "token"  # the head enables token authentication; every client needs it
+        for i in range(1, nodes):
+            subprocess.run([*start, "--address", f"127.0.0.1:{port}", "--node-ip-address", f"127.0.0.{i + 1}"],
+                           check=True, capture_output=True, env=env, timeout=180, preexec_fn=_on_core(cores[i]))
+        yield LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env)
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=180)
