@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -28,6 +29,14 @@ def train(overrides: list[str], env: dict, *args: str) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
         return json.loads(summary.read_text())
+
+
+def harness_parser(doc: str, repeats: int = 3) -> argparse.ArgumentParser:
+    """The options every harness shares; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--smoke", action="store_true", help="a short run, to check the harness works (not its numbers)")
+    return parser
 
 
 def median(values: list[float]) -> float:

@@ -12,10 +12,9 @@ map task; the DataLoader uses `--procs` worker processes. The training figure is
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _common import REPO, emit, median, train
+from _common import REPO, emit, harness_parser, median, train
 
 GOAL_RATIO, GOAL_WAIT = 1.0, 0.05
 
@@ -45,11 +44,9 @@ def ray_images_per_s(cfg, refs, images: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = harness_parser(__doc__)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="a few batches, to check the harness runs")
     args = parser.parse_args()
     import ray
 

@@ -9,16 +9,13 @@ ratio is that peak in MiB (no goal was set).
 
 from __future__ import annotations
 
-import argparse
 
-from _common import REPO, emit, median, train
+from _common import REPO, emit, harness_parser, median, train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = harness_parser(__doc__)
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--smoke", action="store_true", help="a short run, to check the harness runs")
     args = parser.parse_args()
     repeats, iters = (1, 10) if args.smoke else (args.repeats, args.iters)
     schedule = [f"data.root={REPO / 'data' / 'synthetic'}", f"train.iters={iters}", f"train.log_interval={iters // 2}",

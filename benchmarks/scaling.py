@@ -13,9 +13,8 @@ decoding and the ratio says nothing about scaling.)
 
 from __future__ import annotations
 
-import argparse
 
-from _common import REPO, emit, median, train  # noqa: F401
+from _common import emit, harness_parser, median, train
 
 from mkd_ray.localcluster import local_cluster
 
@@ -31,10 +30,8 @@ def schedule(iters: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = harness_parser(__doc__)
     parser.add_argument("--iters", type=int, default=120)
-    parser.add_argument("--smoke", action="store_true", help="one short run each, to check the harness runs")
     args = parser.parse_args()
     repeats, iters = (1, 8) if args.smoke else (args.repeats, args.iters)
     base = schedule(iters) + PER_NODE + (TINY if args.smoke else [])

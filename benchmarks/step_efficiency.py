@@ -11,10 +11,9 @@ and ISDA add. naive_ratio = naive step / full step.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _common import REPO, emit, median
+from _common import REPO, emit, harness_parser, median
 from step_overhead import _batches
 
 GOAL = 1.10
@@ -94,11 +93,9 @@ def naive_step(method, optimizer, batch) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = harness_parser(__doc__)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="a few iterations, to check the harness runs")
     args = parser.parse_args()
     import torch
 

@@ -10,13 +10,12 @@ out of the picture because both sides cycle the same pre-built batches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, emit, median
+from _common import REPO, emit, harness_parser, median
 
 GOAL = 0.95
 WARMUP = 5
@@ -87,11 +86,9 @@ def on_ray_train(cfg, batches: list, steps: int, threads: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = harness_parser(__doc__)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="a few steps, to check the harness runs")
     args = parser.parse_args()
     from mkd_ray.config import load_config
     from mkd_ray.train.trainer import connect

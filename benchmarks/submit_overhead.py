@@ -10,12 +10,11 @@ job's share is the upload of the project, the job driver's start and its connect
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 
-from _common import REPO, emit, median, sets
+from _common import REPO, emit, harness_parser, median, sets
 
 from mkd_ray.localcluster import local_cluster
 
@@ -36,9 +35,7 @@ def seconds_to_first_step(command: list[str], env: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="one run each, to check the harness runs")
+    parser = harness_parser(__doc__)
     args = parser.parse_args()
     repeats = 1 if args.smoke else args.repeats
     direct, submitted = [], []

@@ -144,6 +144,15 @@ def _sweep_command(space: Path, tiny_overrides, storage: Path, name: str, *extra
             "--name", name, "--experiment", name, *extra]
 
 
+def _run_sweep(space: Path, tiny_overrides, tmp_path: Path, name: str, env: dict) -> dict:
+    """`run.py tune` to the end; its --summary."""
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", name, "--summary", str(summary)),
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(summary.read_text())
+
+
 def _children(parent_id: str) -> list:
     return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", search_all_experiments=True,
                               output_format="list")
@@ -164,11 +173,7 @@ def test_asha_sweep_logs_a_parent_and_a_child_per_trial_and_stops_poor_trials(tm
     # rung's median at step 4, so ASHA must stop them there.
     space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 0.005, 1.0e-6, 1.0e-6]}},
                         tune={"scheduler": "asha", "grace_period": 4, "num_samples": 1})
-    summary_file = tmp_path / "summary.json"
-    proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", "asha", "--summary", str(summary_file)),
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env=sweep_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(summary_file.read_text())
+    summary = _run_sweep(space, tiny_overrides, tmp_path, "asha", sweep_env)
     client = MlflowClient()
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["mkd_ray.role"] == "sweep"
@@ -227,11 +232,7 @@ def test_pbt_sweep_copies_good_trials_into_poor_ones_and_finishes_every_trial(tm
     space = write_space(tmp_path, set={**TINY_TRIAL, "train.iters": 16},
                         space={"train.lr": {"grid": [0.005, 1.0e-6, 0.005, 1.0e-6]}},
                         tune={"scheduler": "pbt", "num_samples": 1, "max_concurrent_trials": 2, "quantile_fraction": 0.5})
-    summary_file = tmp_path / "summary.json"
-    proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", "pbt", "--summary", str(summary_file)),
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env=sweep_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(summary_file.read_text())
+    summary = _run_sweep(space, tiny_overrides, tmp_path, "pbt", sweep_env)
     client = MlflowClient()
     children = _children(summary["parent_run_id"])
     assert len(children) == 4
