@@ -12,6 +12,7 @@ from pathlib import Path
 from mkd_ray.checkpoint import CheckpointError
 from mkd_ray.config import ConfigError, SynthConfig, load_config
 from mkd_ray.data.io import DatasetError
+from mkd_ray.engine import TrainingDiverged
 from mkd_ray.jobs import JobsError
 from mkd_ray.storage import StorageError
 
@@ -349,3 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -65,6 +65,10 @@ class DataConfig:
     # Per-channel normalisation of images scaled to [0, 1] (ImageNet by default).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # A labeled or validation sample that cannot be read (or whose mask has a bad class id):
+    # "error" stops before training, naming the file; "skip" leaves it out with a warning.
+    # Unreadable unlabeled images are always skipped and counted (metric data/skipped).
+    bad_samples: Literal["error", "skip"] = "error"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     @property

@@ -18,7 +18,7 @@ import torch
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig
-from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
+from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
 from mkd_ray.data.torch_data import endless_loader, eval_batches
 from mkd_ray.data.io import mask_png
 from mkd_ray.evaluate import center_box, evaluate, normalize
@@ -46,6 +46,12 @@ def build_method(cfg: ExperimentConfig) -> MutualKD:
         return model
 
     return MutualKD(cfg.method, make_model, cfg.data.num_classes, cfg.train.iters, cfg.data.ignore_index)
+
+
+def is_report_step(step: int, cfg: ExperimentConfig) -> bool:
+    """Steps that log, evaluate or checkpoint: the only ones that read values off the device."""
+    t = cfg.train
+    return step % t.log_interval == 0 or step % t.eval_interval == 0 or t.checkpoint_due(step)
 
 
 def to_batch(labeled: dict, unlabeled: Optional[dict], cfg: ExperimentConfig, device: torch.device) -> Batch:
@@ -86,6 +92,15 @@ def run_evaluation(method: MutualKD, cfg: ExperimentConfig, batches, device, on_
         method.train()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops rather than checkpoint non-finite weights."""
+
+    @classmethod
+    def at(cls, step: int, lr: float) -> "TrainingDiverged":
+        return cls(f"training diverged: the loss is not finite by step {step} (learning rate {lr:g}); "
+                   "the run stopped without saving non-finite weights (lower train.lr, or check the data)")
+
+
 @dataclass
 class ProgressMeter:
     """Images/s, ETA and averaged step metrics between log lines; .item() only here."""
@@ -98,6 +113,8 @@ class ProgressMeter:
     _last_step: int = 0
     _sums: dict = field(default_factory=dict)
     _n: int = 0
+    # Stays a tensor (no host sync per step); read at report steps by `finite()`.
+    _finite: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self._last_step = self.start_step
@@ -106,6 +123,12 @@ class ProgressMeter:
         for key, value in metrics.items():
             self._sums[key] = self._sums.get(key, 0.0) + value.detach()
         self._n += 1
+        finite = torch.isfinite(metrics["loss"].detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def finite_flag(self) -> torch.Tensor:
+        """1 while every loss since the start of this invocation was finite, else 0 (a tensor)."""
+        return torch.ones(()) if self._finite is None else self._finite.float().cpu()
 
     def summary(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -147,8 +170,7 @@ def train_local(
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     ensure_synthetic(cfg, log)
-    data = data or resolve_data(cfg)
-    check_masks(cfg, data)
+    data = data or checked_data(cfg, log)
     device = resolve_device(cfg)
     method = build_method(cfg).to(device)
     if cfg.train.channels_last:
@@ -172,16 +194,22 @@ def train_local(
     result: dict = {}
     start = time.perf_counter()
     last_step = cfg.train.last_step
+    skipped = 0  # unreadable unlabeled images the stream replaced
     for step in range(start_step + 1, last_step + 1):
-        batch = to_batch(next(labeled), next(unlabeled) if unlabeled else None, cfg, device)
+        unlabeled_batch = next(unlabeled) if unlabeled else None
+        if unlabeled_batch is not None:
+            skipped += int(unlabeled_batch["skipped"].sum())
+        batch = to_batch(next(labeled), unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics)
+        if is_report_step(step, cfg) and not meter.finite_flag():
+            raise TrainingDiverged.at(step, optimizer.param_groups[0]["lr"])
         if step % cfg.train.log_interval == 0 or step == cfg.train.iters:
             values = meter.summary(step)
             log(ProgressMeter.line(step, cfg.train.iters, values))
-            history.append({"step": step, **values})
+            history.append({"step": step, **values, "data/skipped": skipped})
             if on_metrics:
-                on_metrics(step, {f"train/{k}": v for k, v in values.items()})
+                on_metrics(step, {**{f"train/{k}": v for k, v in values.items()}, "data/skipped": skipped})
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
             meter_iou = run_evaluation(method, cfg, eval_batches(data.val, cfg, cfg.data.val_batch_size), device)
             result = {"val/miou": meter_iou.miou(), "val/iou": meter_iou.per_class(), "step": step}
@@ -197,7 +225,8 @@ def train_local(
     return result
 
 
-def evaluate_checkpoint(state: dict, cfg: ExperimentConfig, keep_predictions: bool = False) -> tuple[dict, dict[str, bytes]]:
+def evaluate_checkpoint(state: dict, cfg: ExperimentConfig, keep_predictions: bool = False,
+                        data: Optional[ExperimentData] = None) -> tuple[dict, dict[str, bytes]]:
     """Score a checkpoint on the validation split of `cfg`: (metrics, predictions), where
     predictions (if kept) map each image name to a palette PNG at the image's original size
     (outside a centre crop: 255) holding the class ids the metric used."""
@@ -205,7 +234,7 @@ def evaluate_checkpoint(state: dict, cfg: ExperimentConfig, keep_predictions: bo
     ckpt.restore(state, method)
     device = resolve_device(cfg)
     method.to(device)
-    data = resolve_data(cfg)
+    data = data or checked_data(cfg)
     predictions: dict[str, bytes] = {}
 
     def keep(batch, pred):

@@ -218,3 +218,45 @@ def test_cutmix_boxes_cover_the_requested_area():
     three = CutMixConfig(prob=1.0, num_boxes=3, area=(0.25, 0.5))
     covered = [cutmix_box_mask(64, 64, three, np.random.default_rng(s)).mean() for s in range(20)]
     assert all(0.05 < c <= 0.5 + 0.03 for c in covered)
+
+
+# ----------------------------------------------------------------------------- corrupt files
+
+
+def corrupt_copy(synthetic_root: Path, tmp_path: Path, split_file: str, count: int) -> tuple[Path, list[Path]]:
+    """A copy of the synthetic dataset whose first `count` images listed in `split_file` are truncated."""
+    import shutil
+
+    root = tmp_path / "corrupt"
+    shutil.copytree(synthetic_root, root)
+    broken = [root / line.split()[0] for line in (root / split_file).read_text().splitlines()[:count]]
+    for image in broken:
+        image.write_bytes(image.read_bytes()[:40])  # a real JPEG header, cut off
+    return root, broken
+
+
+def test_unreadable_unlabeled_image_is_replaced_counted_and_named(synthetic_root, tiny_overrides, tmp_path, caplog):
+    from mkd_ray.data.torch_data import TrainSet
+
+    root, broken = corrupt_copy(synthetic_root, tmp_path, "splits/1_8/unlabeled.txt", 2)
+    cfg = load_config(None, tiny_overrides + [f"data.root={root}"])
+    dataset = TrainSet(resolve_data(cfg).unlabeled, cfg, labeled=False)
+    with caplog.at_level("WARNING"):
+        sample = dataset[(0, 0)]  # images 0 and 1 are broken: image 2 stands in
+    assert sample["skipped"] == 2
+    assert np.array_equal(sample["weak"], dataset._views(0, 2)["weak"])
+    assert all(str(image) in caplog.text for image in broken)
+    assert dataset[(0, 5)]["skipped"] == 0
+
+
+def test_unreadable_labeled_or_val_sample_is_an_error_naming_it_or_skipped(synthetic_root, tiny_overrides, tmp_path):
+    from mkd_ray.data.sources import checked_data
+
+    root, (broken,) = corrupt_copy(synthetic_root, tmp_path, "splits/val.txt", 1)
+    cfg = load_config(None, tiny_overrides + [f"data.root={root}"])
+    with pytest.raises(io.DatasetError, match=rf"cannot read image {broken}.*data.bad_samples=skip"):
+        checked_data(cfg)
+    warnings = []
+    data = checked_data(load_config(None, tiny_overrides + [f"data.root={root}", "data.bad_samples=skip"]), warnings.append)
+    assert len(data.val) == 31 and broken not in [ref.image for ref in data.val]
+    assert len(warnings) == 1 and str(broken) in warnings[0]

@@ -59,6 +59,16 @@ def test_method_options_run(tiny_overrides, extra):
     assert result["val/miou"] >= 0.0
 
 
+def test_diverging_run_stops_before_checkpointing_non_finite_weights(tiny_overrides, tmp_path):
+    from mkd_ray.engine import TrainingDiverged
+
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", tiny_overrides + [
+        "train.optimizer=sgd", "train.lr=1.0e+12", "train.iters=8", "train.log_interval=4", "train.checkpoint_interval=4"])
+    with pytest.raises(TrainingDiverged, match=r"not finite by step 4 \(learning rate"):
+        train_local(cfg, log=lambda *_: None, checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
 def test_cli_train_local_writes_summary(tiny_overrides, tmp_path):
     summary = tmp_path / "summary.json"
     sets = [a for o in tiny_overrides + ["train.iters=4", "train.eval_interval=4"] for a in ("--set", o)]
@@ -135,3 +145,11 @@ def test_bad_mask_stops_the_run_before_training_and_writes_nothing(tiny_override
     with pytest.raises(DatasetError, match=rf"{first.split('/')[-1]}.*\[9\]"):
         train_local(cfg, log=lambda *_: None, checkpoint_dir=tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_local_training_goes_on_past_unreadable_unlabeled_images(synthetic_root, tiny_overrides, tmp_path):
+    from tests.test_data import corrupt_copy
+
+    root, _ = corrupt_copy(synthetic_root, tmp_path, "splits/1_8/unlabeled.txt", 20)
+    result = _run(tiny_overrides + [f"data.root={root}", "train.log_interval=4"], "mkd", 4)
+    assert result["step"] == 4 and result["history"][-1]["data/skipped"] > 0

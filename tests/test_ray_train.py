@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import mlflow
 import pytest
@@ -107,19 +108,35 @@ def _check_mlflow_run(run_id, metrics):
     assert table.splitlines()[0] == "class,iou" and len(table.splitlines()) == 6
 
 
-def test_failed_run_is_marked_failed_with_the_reason(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
-    import shutil
+def test_unreadable_unlabeled_images_are_skipped_counted_and_named(ray_cluster, tiny_overrides, tmp_path, mlflow_uri, capfd):
+    from tests.test_data import corrupt_copy
 
-    root = tmp_path / "data"
-    shutil.copytree(tiny_overrides_root(tiny_overrides), root)
-    for line in (root / "splits/1_8/labeled.txt").read_text().splitlines()[:1]:
-        (root / line.split()[0]).write_bytes(b"\xff\xd8 truncated jpeg")
-    cfg = _cfg(tiny_overrides, f"data.root={root}", "train.iters=2")
-    with pytest.raises(Exception):
-        fit(cfg, name="broken", storage_path=tmp_path / "runs", experiment="failing")
-    (run,) = mlflow.search_runs(experiment_names=["failing"], output_format="list")
-    assert run.info.status == "FAILED"
-    assert "cannot read image" in run.data.tags["failure_reason"]
+    root, broken = corrupt_copy(tiny_overrides_root_path(tiny_overrides), tmp_path, "splits/1_8/unlabeled.txt", 20)
+    result, run_id = fit(_cfg(tiny_overrides, f"data.root={root}"), name="skips", storage_path=tmp_path / "runs")
+    assert result.metrics["step"] == 6 and MlflowClient().get_run(run_id).info.status == "FINISHED"
+    skipped = MlflowClient().get_metric_history(run_id, "data/skipped")
+    assert [m.step for m in skipped] == [3, 6] and skipped[-1].value > 0
+    time.sleep(2)  # Ray forwards the Ray Data tasks' log lines to this process asynchronously
+    logs = capfd.readouterr()
+    assert any(str(image) in logs.out + logs.err for image in broken)
+
+
+def tiny_overrides_root_path(overrides):
+    from pathlib import Path
+
+    return Path(tiny_overrides_root(overrides))
+
+
+def test_diverging_run_fails_once_with_the_reason_and_no_retry(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
+    from mkd_ray.engine import TrainingDiverged
+
+    cfg = _cfg(tiny_overrides, "train.optimizer=sgd", "train.lr=1.0e+12")
+    with pytest.raises(TrainingDiverged, match="not finite by step 3"):
+        fit(cfg, name="diverged", storage_path=tmp_path, experiment="diverging")
+    (run,) = mlflow.search_runs(experiment_names=["diverging"], output_format="list")
+    assert run.info.status == "FAILED" and "not finite by step 3" in run.data.tags["failure_reason"]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train/diverged_at_step")] == [3]
+    assert not list((tmp_path / "diverged").glob("step_*"))  # no checkpoint of non-finite weights
 
 
 def tiny_overrides_root(overrides):

@@ -8,7 +8,7 @@ from pathlib import Path
 from mkd_ray.config import ExperimentConfig
 from mkd_ray import storage
 from mkd_ray.data import packed, synthetic
-from mkd_ray.data.io import DatasetError, SampleRef, read_mask, read_split_file
+from mkd_ray.data.io import DatasetError, SampleRef, read_image, read_mask, read_split_file
 
 
 @dataclass
@@ -73,8 +73,29 @@ def resolve_data(cfg: ExperimentConfig) -> ExperimentData:
     return ExperimentData(read(storage.join(split, "labeled.txt")), unlabeled, read(storage.join(splits, "val.txt")))
 
 
-def check_masks(cfg: ExperimentConfig, data: ExperimentData) -> None:
-    """Read every labeled and validation mask once, so a bad class id stops the run before
-    any training starts (unlabeled masks are only diagnostics and are checked as they stream)."""
-    for ref in [*data.labeled, *data.val]:
-        read_mask(ref, cfg.data.num_classes, cfg.data.ignore_index)
+def checked_data(cfg: ExperimentConfig, log=print) -> ExperimentData:
+    """The split lists with every labeled and validation sample decoded once, so a corrupt
+    file or a bad class id stops the run before any training starts (data.bad_samples=error)
+    or is left out with a warning naming it (skip). Unlabeled images are checked as they
+    stream, where an unreadable one is skipped (see TrainSet)."""
+    data = resolve_data(cfg)
+    labeled, val = _readable(data.labeled, cfg, log), _readable(data.val, cfg, log)
+    for kind, kept in (("labeled", labeled), ("validation", val)):
+        if not kept:
+            raise DatasetError(f"no readable {kind} samples left after skipping the bad ones")
+    return ExperimentData(labeled, data.unlabeled, val)
+
+
+def _readable(refs: list[SampleRef], cfg: ExperimentConfig, log) -> list[SampleRef]:
+    kept = []
+    for ref in refs:
+        try:
+            read_image(ref)
+            read_mask(ref, cfg.data.num_classes, cfg.data.ignore_index)
+        except DatasetError as exc:
+            if cfg.data.bad_samples == "error":
+                raise DatasetError(f"{exc} (set data.bad_samples=skip to train without it)") from None
+            log(f"warning: skipping {exc}")
+            continue
+        kept.append(ref)
+    return kept

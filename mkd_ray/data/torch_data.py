@@ -7,6 +7,7 @@ Samplers yield (epoch, index) keys, and each sample's randomness is derived from
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +16,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mkd_ray.config import ExperimentConfig
 from mkd_ray.data.augment import labeled_views, sample_rng, unlabeled_views
-from mkd_ray.data.io import SampleRef, read_image, read_mask
+from mkd_ray.data.io import DatasetError, SampleRef, read_image, read_mask
+
+_log = logging.getLogger(__name__)
 
 
 class EndlessSampler(Sampler):
@@ -64,6 +67,23 @@ class TrainSet(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
         epoch, index = key
+        if self.labeled:  # checked before training (sources.checked_data)
+            return self._views(epoch, index)
+        # An unreadable unlabeled image is replaced by the next readable one of the list and
+        # counted: every draw still yields one sample, so the stream stays aligned with the
+        # steps and checkpoints (resume and Ray/local equality hold), and training goes on.
+        for skipped in range(len(self.refs)):
+            position = (index + skipped) % len(self.refs)
+            try:
+                sample = self._views(epoch, position)
+            except DatasetError as exc:
+                _log.warning("skipping unlabeled sample: %s", exc)
+                continue
+            sample["skipped"] = np.int64(skipped)
+            return sample
+        raise DatasetError(f"none of the {len(self.refs)} unlabeled images can be read")
+
+    def _views(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         ref, d = self.refs[index], self.cfg.data
         rng = sample_rng(self.cfg.train.seed, epoch, index, self.stream)
         image = read_image(ref)

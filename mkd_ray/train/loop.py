@@ -23,17 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig, config_from_dict
 from mkd_ray.data.io import voc_palette
-from mkd_ray.data.sources import resolve_data
 from mkd_ray.data.torch_data import endless_loader, eval_batches
-from mkd_ray.engine import ProgressMeter, build_method, run_evaluation, to_batch
+from mkd_ray.engine import ProgressMeter, TrainingDiverged, build_method, is_report_step, run_evaluation, to_batch
 from mkd_ray.method import build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.tracking import RunLogger, iou_table, overlay_grid
-
-
-def _is_report_step(step: int, cfg: ExperimentConfig) -> bool:
-    t = cfg.train
-    return step % t.log_interval == 0 or step % t.eval_interval == 0 or t.checkpoint_due(step)
 
 
 def draws_per_step(cfg: ExperimentConfig) -> int:
@@ -41,10 +35,11 @@ def draws_per_step(cfg: ExperimentConfig) -> int:
     return max(cfg.scaling.num_workers, 1) * cfg.data.unlabeled_batch_size
 
 
-def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int):
+def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int, skipped: list):
     """This rank's unlabeled batches from draw `first_draw` on. The trainer starts the stream
     at the draw of the checkpoint Ray restores (both read Ray's checkpoint record); draws
-    before `first_draw`, should the stream start earlier, are skipped."""
+    before `first_draw`, should the stream start earlier, are skipped. Unreadable images the
+    stream replaced are added to `skipped[0]`."""
     shard = ray.train.get_dataset_shard("unlabeled")
     for batch in shard.iter_torch_batches(batch_size=cfg.data.unlabeled_batch_size, drop_last=True, device="cpu"):
         if int(batch["draw"].min()) < first_draw:
@@ -52,6 +47,7 @@ def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int):
         batch["ignore"] = batch["ignore"].bool()
         batch["cutmix"] = batch["cutmix"].bool()
         draws = batch.pop("draw")
+        skipped[0] += int(batch.pop("skipped").sum())
         if len(seen_draws) < _MAX_TRACKED_DRAWS:
             seen_draws.update(draws.tolist())
         yield batch
@@ -132,7 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
-    data = resolve_data(cfg)
+    data = loop_config["data"]  # checked (and filtered) once, on the driver
 
     method = build_method(cfg).to(device)
     method.train()
@@ -157,8 +153,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step, rank=rank))
     seen_draws: set = set()
+    skipped = [0]  # unreadable unlabeled images this rank's stream replaced
     first_draw = start_step * draws_per_step(cfg)
-    unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None
+    unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw, skipped) if method.uses_unlabeled else None
     images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
     meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
     data_wait = 0.0
@@ -172,8 +169,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch = to_batch(labeled_batch, unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics)
-        if not _is_report_step(step, cfg):
+        if not is_report_step(step, cfg):
             continue
+        if not _all_finite(meter, world, device):
+            # Every rank reports the divergence and stops; the driver's DivergenceWatch ends the run.
+            lr = optimizer.param_groups[0]["lr"]
+            if logger:
+                logger.metrics({"train/diverged_at_step": step}, step)
+            ray.train.report({"step": step, DIVERGED: str(TrainingDiverged.at(step, lr))})
+            return
         _broadcast_buffers(method, world)
         metrics = {"step": step}
         if step % cfg.train.log_interval == 0 or step == cfg.train.iters:
@@ -181,6 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             values["data_wait_fraction"] = data_wait / max(values["seconds_per_iter"] * cfg.train.log_interval, 1e-9)
             data_wait = 0.0
             metrics.update({f"train/{k}": v for k, v in values.items() if k != "eta_s"})
+            metrics["data/skipped"] = _sum_over_ranks(skipped[0], world)
             if rank == 0:
                 print(ProgressMeter.line(step, cfg.train.iters, values), flush=True)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
@@ -198,6 +203,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank, step)
         else:
             ray.train.report(metrics)
+
+
+DIVERGED = "diverged"  # the report key that carries a divergence's message to the driver
+
+
+def _all_finite(meter: ProgressMeter, world: int, device) -> bool:
+    """Whether every rank's losses stayed finite (all ranks must agree, to stop together)."""
+    flag = meter.finite_flag().to(device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def _sum_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return float(value)
+    total = torch.tensor(float(value))
+    dist.all_reduce(total)
+    return total.item()
 
 
 def _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank: int, step: int) -> None:

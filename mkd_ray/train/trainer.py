@@ -16,9 +16,9 @@ from mkd_ray import checkpoint as ckpt
 from mkd_ray import storage, tracking
 from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
-from mkd_ray.data.sources import ExperimentData, check_masks, ensure_synthetic, resolve_data
-from mkd_ray.engine import default_run_name, evaluate_checkpoint
-from mkd_ray.train.loop import draws_per_step, train_loop_per_worker
+from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
+from mkd_ray.engine import TrainingDiverged, default_run_name, evaluate_checkpoint
+from mkd_ray.train.loop import DIVERGED, draws_per_step, train_loop_per_worker
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
@@ -50,6 +50,27 @@ def latest_step(run_dir: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+class DivergenceWatch(ray.train.UserCallback):
+    """Ends the run when the workers report a non-finite loss. Raising here, in Ray Train's
+    controller, fails the run without a retry: restarting from the last checkpoint would
+    only diverge again."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if DIVERGED in metrics[0]:
+            raise TrainingDiverged(metrics[0][DIVERGED])
+
+
+def fit_trainer(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, raising TrainingDiverged itself (not Ray's wrapper) when the loss diverged."""
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        cause = getattr(exc, "controller_failure", None)
+        if isinstance(cause, TrainingDiverged):
+            raise TrainingDiverged(str(cause)) from None
+        raise
+
+
 def build_trainer(
     cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: str, mlflow_run: Optional[dict] = None,
     max_failures: int = 2, callbacks: tuple = (), initial_checkpoint: Optional[ray.train.Checkpoint] = None,
@@ -69,7 +90,8 @@ def build_trainer(
             _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow": mlflow_run, "initial_checkpoint": initial_checkpoint},
+        train_loop_config={"config": cfg.to_dict(), "data": data, "mlflow": mlflow_run,
+                           "initial_checkpoint": initial_checkpoint},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -81,7 +103,7 @@ def build_trainer(
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks),
+            callbacks=[DivergenceWatch(), *callbacks],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=_ordered_ingest()),
@@ -131,14 +153,13 @@ def fit(
     name = name or default_run_name(cfg)
     cfg = with_absolute_paths(cfg)
     ensure_synthetic(cfg)
-    data = resolve_data(cfg)  # every listed file exists: fail here, before Ray starts
-    check_masks(cfg, data)
+    data = checked_data(cfg)  # every listed file exists and reads: fail here, before Ray starts
     _check_resumable(cfg, storage.join(storage.resolve(storage_path), name))
     logger = tracking.open_run(cfg, experiment or cfg.name, name)
     try:
         connect(address)
         mlflow_run = {"uri": tracking.tracking_uri(), "run_id": logger.run_id}
-        result = build_trainer(cfg, data, name, storage_path, mlflow_run).fit()
+        result = fit_trainer(build_trainer(cfg, data, name, storage_path, mlflow_run))
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as directory:
                 logger.file(Path(directory) / ckpt.FILENAME, "model")
@@ -154,8 +175,8 @@ def evaluate_on_ray(state: dict, cfg: ExperimentConfig, address: Optional[str] =
     """`engine.evaluate_checkpoint` as a Ray task with one training worker's resources, so
     `run.py eval` scores on the cluster's CPUs or GPU; predictions come back as PNG bytes."""
     cfg = with_absolute_paths(cfg)
-    check_masks(cfg, resolve_data(cfg))  # a bad dataset fails here, before Ray starts
+    data = checked_data(cfg)  # a bad dataset fails here, before Ray starts
     connect(address)
     task = ray.remote(evaluate_checkpoint).options(
         num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
-    return ray.get(task.remote(state, cfg, keep_predictions))
+    return ray.get(task.remote(state, cfg, keep_predictions, data))

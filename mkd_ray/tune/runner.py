@@ -32,8 +32,8 @@ from ray.util.queue import Queue
 from mkd_ray import storage as storage_paths
 from mkd_ray import tracking
 from mkd_ray.config import ConfigError, ExperimentConfig, config_from_dict, with_absolute_paths
-from mkd_ray.data.sources import check_masks, ensure_synthetic, resolve_data
-from mkd_ray.train.trainer import build_trainer, checkpoint_step, connect
+from mkd_ray.data.sources import checked_data, ensure_synthetic
+from mkd_ray.train.trainer import build_trainer, checkpoint_step, connect, fit_trainer
 from mkd_ray.tune.space import Sweep
 
 ROLE_TAG = "mkd_ray.role"  # "sweep" on the parent run, "trial" on each child
@@ -85,8 +85,8 @@ def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_ru
         if pbt_interval:
             _train_for_pbt(cfg, sampled, trial_id, metric, storage, mlflow_run)
         else:
-            build_trainer(cfg, resolve_data(cfg), trial_id, storage, mlflow_run,
-                          callbacks=[EvaluationsToTune(metric)]).fit()
+            fit_trainer(build_trainer(cfg, checked_data(cfg), trial_id, storage, mlflow_run,
+                                      callbacks=[EvaluationsToTune(metric)]))
     except SystemExit:  # Tune stopping or pausing the trial: the driver settles its run
         raise
     except BaseException as exc:
@@ -113,13 +113,13 @@ def _train_for_pbt(cfg: ExperimentConfig, sampled: dict, trial_id: str, metric: 
     values = {f"pbt/{k}": v for k, v in sampled.items() if isinstance(v, (int, float))}
     tracking.RunLogger(**mlflow_run).metrics({**values, "pbt/copied_from_other_trial": float(copied)}, step)
     reports = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, resolve_data(cfg), f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, mlflow_run,
+    trainer = build_trainer(cfg, checked_data(cfg), f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, mlflow_run,
                             callbacks=[CheckpointsToTune(metric, reports)], initial_checkpoint=start)
     failure: list[BaseException] = []
 
     def fit() -> None:
         try:
-            trainer.fit()
+            fit_trainer(trainer)
         except BaseException as exc:  # handed to the trial's thread below
             failure.append(exc)
         finally:
@@ -242,7 +242,7 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
     started = time.perf_counter()
     base_cfg = with_absolute_paths(sweep.base)
     ensure_synthetic(base_cfg)
-    check_masks(base_cfg, resolve_data(base_cfg))  # a bad dataset fails here, before Ray starts
+    checked_data(base_cfg)  # a bad dataset fails here, before Ray starts
     base = yaml.safe_load(yaml.safe_dump(base_cfg.to_dict()))
     storage = storage_paths.resolve(storage)  # a shared filesystem path or an object-store URI
     sweep_dir = storage_paths.join(storage, name)
