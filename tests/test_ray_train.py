@@ -127,18 +127,6 @@ def tiny_overrides_root_path(overrides):
     return Path(tiny_overrides_root(overrides))
 
 
-def test_diverging_run_fails_once_with_the_reason_and_no_retry(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
-    from mkd_ray.engine import TrainingDiverged
-
-    cfg = _cfg(tiny_overrides, "train.optimizer=sgd", "train.lr=1.0e+12")
-    with pytest.raises(TrainingDiverged, match="not finite by step 3"):
-        fit(cfg, name="diverged", storage_path=tmp_path, experiment="diverging")
-    (run,) = mlflow.search_runs(experiment_names=["diverging"], output_format="list")
-    assert run.info.status == "FAILED" and "not finite by step 3" in run.data.tags["failure_reason"]
-    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train/diverged_at_step")] == [3]
-    assert not list((tmp_path / "diverged").glob("step_*"))  # no checkpoint of non-finite weights
-
-
 def tiny_overrides_root(overrides):
     return next(o.split("=", 1)[1] for o in overrides if o.startswith("data.root="))
 

@@ -150,7 +150,7 @@ def _run_sweep(space: Path, tiny_overrides, tmp_path: Path, name: str, env: dict
     proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", name, "--summary", str(summary)),
                           cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(summary.read_text())
+    return {**json.loads(summary.read_text()), "stdout": proc.stdout}
 
 
 def _children(parent_id: str) -> list:
@@ -191,6 +191,46 @@ def test_asha_sweep_logs_a_parent_and_a_child_per_trial_and_stops_poor_trials(tm
     assert best["train"]["lr"] == 0.005 and summary["best_config"]["train"]["lr"] == 0.005
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/results.csv")
     assert len(table.strip().splitlines()) == 5 and "stopped early" in table
+
+
+@pytest.mark.ray
+def test_four_concurrent_trials_lose_no_metric_and_a_diverging_trial_fails_alone(tmp_path, tiny_overrides, sweep_env):
+    # Four trials train at once on two CPUs, all logging to one SQLite store; the fourth
+    # learning rate makes the loss overflow, which must end that trial alone, with its reason.
+    tiny = {**TINY_TRIAL, "scaling.cpus_per_worker": 0.2, "scaling.data_cpus": 0.2, "train.optimizer": "sgd"}
+    space = write_space(tmp_path, set=tiny, space={"train.lr": {"grid": [0.01, 0.008, 0.006, 1.0e+12]}},
+                        tune={"scheduler": "fifo", "num_samples": 1, "trial_driver_cpus": 0.1})
+    summary = _run_sweep(space, tiny_overrides, tmp_path, "concurrent", sweep_env)
+    assert "4 at once" in summary["stdout"]
+    client = MlflowClient()
+    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+    children = {float(c.data.params["train.lr"]): c for c in _children(summary["parent_run_id"])}
+    assert len(children) == 4
+    diverged = children.pop(1.0e+12)
+    assert diverged.info.status == "FAILED" and "not finite by step 4" in diverged.data.tags["failure_reason"]
+    assert [t["status"] for t in summary["trials"] if t["train.lr"] == 1.0e+12] == ["error"]
+    for child in children.values():  # every step of every trial is in the store
+        assert child.info.status == "FINISHED"
+        for key, steps in (("train/loss", [10, 12]), ("train/lr", [10, 12]), ("data/skipped", [10, 12]),
+                           ("val/miou", [4, 8, 12]), ("val/iou/background", [4, 8, 12])):  # log_interval 10
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == steps, key
+
+
+def test_four_processes_writing_one_sqlite_store_lose_no_metric(tmp_path):
+    """The tracking store under more write pressure than trials make: four processes each log
+    12 metrics at every one of 150 steps, as fast as they can, into one SQLite file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("pressure")
+    runs = [client.create_run(experiment).info.run_id for _ in range(4)]
+    writer = ("import sys; from mkd_ray.tracking import RunLogger; log = RunLogger(sys.argv[1], sys.argv[2]);\n"
+              "for step in range(1, 151): log.metrics({f'm{k}': step * 100 + k for k in range(12)}, step)")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, uri, run], cwd=REPO) for run in runs]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+    for run in runs:
+        for k in range(12):
+            history = client.get_metric_history(run, f"m{k}")
+            assert sorted((m.step, m.value) for m in history) == [(s, s * 100 + k) for s in range(1, 151)]
 
 
 @pytest.mark.ray
