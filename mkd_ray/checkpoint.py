@@ -4,11 +4,14 @@ A checkpoint holds everything a run needs to continue exactly where it stopped: 
 students, teachers, ISDA statistics and threshold state (all in the method's state dict),
 the optimizer and LR schedule, the step, torch's RNG state and the resolved config (data
 augmentation draws its randomness from (seed, epoch, index), so it needs no state). The
-config is stored as YAML text so `torch.load(weights_only=True)` can read the file.
+config is stored as YAML text so `torch.load(weights_only=True)` can read the file. A
+SHA-256 digest of the contents is stored with them: torch's zip container does not check
+its data on load, so a changed byte would otherwise load silently as different weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,8 +23,9 @@ import yaml
 from mkd_ray.config import ExperimentConfig, config_from_dict
 from mkd_ray.method.optim import apply_train_config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: contents carry a SHA-256 digest
 FILENAME = "state.pt"
+_TEMP_PREFIX = ".state-"
 # Keys whose change makes saved weights unusable.
 ARCHITECTURE_KEYS = ("model.", "method.name", "method.feature_aug", "method.isda_teachers", "data.num_classes")
 
@@ -47,7 +51,10 @@ def save_checkpoint(path: Path, cfg: ExperimentConfig, method, optimizer=None, s
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".state-", suffix=".tmp")
+    state["digest"] = _digest(state)
+    for stale in path.glob(f"{_TEMP_PREFIX}*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=_TEMP_PREFIX, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -71,9 +78,40 @@ def load_state(path: Path, mmap: bool = False) -> dict:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, tampered or not a torch file
         raise CheckpointError(f"checkpoint {file} cannot be read safely: {exc}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "method" not in state:
-        raise CheckpointError(f"checkpoint {file} is not an mkd_ray checkpoint (format {FORMAT_VERSION})")
+    if not isinstance(state, dict) or "method" not in state:
+        raise CheckpointError(f"checkpoint {file} is not an mkd_ray checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {file} has format {state.get('format_version')}; this version of "
+                              f"mkd_ray reads format {FORMAT_VERSION} (written with an integrity digest)")
+    if not mmap and state.get("digest") != _digest(state):  # a mmap look reads the config only
+        raise CheckpointError(f"checkpoint {file} fails its integrity check: its contents changed after it was "
+                              "written (tampered with or damaged); refusing to load it")
     return state
+
+
+def _digest(state: dict) -> str:
+    """SHA-256 over every value of the state but the digest itself, in a fixed order."""
+    sha = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if key != "digest" or value is not state:
+                    sha.update(f"<{key!r}>".encode())
+                    feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            sha.update(f"[{len(value)}]".encode())
+            for item in value:
+                feed(item)
+        elif isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            sha.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            sha.update(repr(value).encode())
+
+    feed(state)
+    return sha.hexdigest()
 
 
 def checkpoint_config(state: dict) -> ExperimentConfig:
