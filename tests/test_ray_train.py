@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -217,3 +218,36 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes_identically(ray
     by_step = {}
     for m in history:  # a step logged again after the restart must carry the same value
         assert by_step.setdefault(m.step, m.value) == pytest.approx(m.value)
+
+
+FAKE_SECRET = "mkd-fake-secret-5f0c1e"
+
+
+def test_secrets_in_the_environment_reach_no_log_param_artifact_or_checkpoint(tiny_overrides, tmp_path):
+    """`run.py train` on its own local cluster with fake credentials in its environment: the
+    value appears nowhere it writes (console, MLflow params/tags/metrics/artifacts, checkpoints,
+    Ray's session logs), and the dashboard it starts listens on 127.0.0.1 only."""
+    ray_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": ray_dir, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+           "MLFLOW_TRACKING_TOKEN": FAKE_SECRET, "HF_TOKEN": FAKE_SECRET}
+    sets = [a for o in tiny_overrides + ["train.iters=3", "train.eval_interval=3", "train.log_interval=3",
+                                          "scaling.cpus_per_worker=0.5"] for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "run.py", "train", "--storage", str(tmp_path / "runs"), "--name", "secret",
+                           "--experiment", "secrets", *sets], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert FAKE_SECRET not in proc.stdout + proc.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    assert FAKE_SECRET not in json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+    artifacts = tmp_path / "artifacts"
+    mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(artifacts), tracking_uri=uri)
+    written = [*artifacts.rglob("*"), *(tmp_path / "runs").rglob("*"), *Path(ray_dir).rglob("*")]
+    files = [p for p in written if p.is_file() and not p.is_symlink() and not p.name.endswith(".sock")]
+    assert len(files) > 20
+    leaking = [str(p) for p in files if FAKE_SECRET.encode() in p.read_bytes()]
+    assert leaking == []
+    dashboard = [line for line in Path(ray_dir).rglob("dashboard.log")]
+    assert dashboard, "no dashboard log"
+    text = "\n".join(p.read_text(errors="replace") for p in dashboard)
+    assert "127.0.0.1:8265" in text and "0.0.0.0:8265" not in text

@@ -300,15 +300,18 @@ def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name
     trials = tune.ExperimentAnalysis(grid.experiment_path).trials
     rows = []
     for trial, result in zip(trials, _results_by_trial(grid, trials)):
-        steps = int((trial.last_result or {}).get("step", 0))
+        run = tracking.find_run(client, experiment, f"{name}-{trial.trial_id}")
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp)) if run else []
+        # A trial that had finished when a killed driver last saved the sweep's state is run
+        # again on --resume: it restores its final checkpoint and reports nothing new, so the
+        # step it reached is read from its MLflow run too.
+        steps = max(int((trial.last_result or {}).get("step", 0)), max((m.step for m in history), default=0))
         if trial.status == "ERROR":
             status = "error"
         elif trial.status != "TERMINATED":
             status = "unfinished"  # the sweep was interrupted: `--resume` continues it
         else:
             status = "completed" if steps >= iters else "stopped early"
-        run = tracking.find_run(client, experiment, f"{name}-{trial.trial_id}")
-        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp)) if run else []
         values = [m.value for m in history]
         best = (max(values) if sweep.tune.mode == "max" else min(values)) if values else float("nan")
         rows.append({"trial_id": trial.trial_id, "status": status, "steps": steps, f"best {metric}": best,
