@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def _run_sweep(space: Path, tiny_overrides, tmp_path: Path, name: str, env: dict
     proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", name, "--summary", str(summary)),
                           cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {**json.loads(summary.read_text()), "stdout": proc.stdout}
+    return {**json.loads(summary.read_text()), "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def _children(parent_id: str) -> list:
@@ -193,27 +194,87 @@ def test_asha_sweep_logs_a_parent_and_a_child_per_trial_and_stops_poor_trials(tm
     assert len(table.strip().splitlines()) == 5 and "stopped early" in table
 
 
-@pytest.mark.ray
-def test_four_concurrent_trials_lose_no_metric_and_a_diverging_trial_fails_alone(tmp_path, tiny_overrides, sweep_env):
-    # Four trials train at once on two CPUs, all logging to one SQLite store; the fourth
-    # learning rate makes the loss overflow, which must end that trial alone, with its reason.
-    tiny = {**TINY_TRIAL, "scaling.cpus_per_worker": 0.2, "scaling.data_cpus": 0.2, "train.optimizer": "sgd"}
-    space = write_space(tmp_path, set=tiny, space={"train.lr": {"grid": [0.01, 0.008, 0.006, 1.0e+12]}},
+FAKE_SECRET = "mkd-fake-secret-5f0c1e"
+
+
+@pytest.fixture(scope="module")
+def concurrent_sweep(synthetic_root, tmp_path_factory):
+    """One `run.py tune` whose four trials train at once on two CPUs, all logging to one SQLite
+    store, over a dataset with 20 truncated unlabeled images, with fake credentials in the
+    environment; the fourth learning rate makes the loss overflow."""
+    from tests.test_data import corrupt_copy
+
+    home = tmp_path_factory.mktemp("concurrent")
+    root, broken = corrupt_copy(synthetic_root, home, "splits/1_8/unlabeled.txt", 20)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    ray_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": ray_dir, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+           "MLFLOW_TRACKING_TOKEN": FAKE_SECRET, "HF_TOKEN": FAKE_SECRET}
+    tiny = {**TINY_TRIAL, "scaling.cpus_per_worker": 0.2, "scaling.data_cpus": 0.2, "train.optimizer": "sgd",
+            "train.iters": 8}
+    space = write_space(home, set=tiny, space={"train.lr": {"grid": [0.01, 0.008, 0.006, 1.0e+12]}},
                         tune={"scheduler": "fifo", "num_samples": 1, "trial_driver_cpus": 0.1})
-    summary = _run_sweep(space, tiny_overrides, tmp_path, "concurrent", sweep_env)
-    assert "4 at once" in summary["stdout"]
-    client = MlflowClient()
-    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
-    children = {float(c.data.params["train.lr"]): c for c in _children(summary["parent_run_id"])}
-    assert len(children) == 4
-    diverged = children.pop(1.0e+12)
+    summary = _run_sweep(space, TINY + [f"data.root={root}"], home, "concurrent", env)
+    return {**summary, "uri": uri, "home": home, "ray_dir": Path(ray_dir), "broken": broken}
+
+
+def _trial_runs(sweep) -> dict[float, object]:
+    runs = MlflowClient(sweep["uri"]).search_runs(
+        [MlflowClient(sweep["uri"]).get_run(sweep["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}'")
+    return {float(r.data.params["train.lr"]): r for r in runs}
+
+
+@pytest.mark.ray
+def test_four_concurrent_trials_lose_no_metric(concurrent_sweep):
+    sweep, client = concurrent_sweep, MlflowClient(concurrent_sweep["uri"])
+    assert "4 at once" in sweep["stdout"]
+    assert client.get_run(sweep["parent_run_id"]).info.status == "FINISHED"
+    trials = _trial_runs(sweep)
+    assert len(trials) == 4
+    for lr, run in trials.items():  # every step of every trial is in the store
+        if lr > 1:
+            continue
+        assert run.info.status == "FINISHED"
+        for key, steps in (("train/loss", [8]), ("train/lr", [8]), ("data/skipped", [8]),
+                           ("val/miou", [4, 8]), ("val/iou/background", [4, 8])):  # log_interval 10, the last step
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == steps, key
+
+
+@pytest.mark.ray
+def test_a_diverging_trial_fails_alone_with_its_reason(concurrent_sweep):
+    diverged = _trial_runs(concurrent_sweep)[1.0e+12]
     assert diverged.info.status == "FAILED" and "not finite by step 4" in diverged.data.tags["failure_reason"]
-    assert [t["status"] for t in summary["trials"] if t["train.lr"] == 1.0e+12] == ["error"]
-    for child in children.values():  # every step of every trial is in the store
-        assert child.info.status == "FINISHED"
-        for key, steps in (("train/loss", [10, 12]), ("train/lr", [10, 12]), ("data/skipped", [10, 12]),
-                           ("val/miou", [4, 8, 12]), ("val/iou/background", [4, 8, 12])):  # log_interval 10
-            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == steps, key
+    assert [t["status"] for t in concurrent_sweep["trials"]].count("error") == 1
+    assert [t["status"] for t in concurrent_sweep["trials"] if t["train.lr"] == 1.0e+12] == ["error"]
+    assert "training diverged" in concurrent_sweep["stdout"] + concurrent_sweep["stderr"]
+
+
+@pytest.mark.ray
+def test_unreadable_unlabeled_images_are_skipped_counted_and_named(concurrent_sweep):
+    client = MlflowClient(concurrent_sweep["uri"])
+    for lr, run in _trial_runs(concurrent_sweep).items():
+        if lr < 1:
+            assert client.get_metric_history(run.info.run_id, "data/skipped")[-1].value > 0
+    logs = concurrent_sweep["stdout"] + concurrent_sweep["stderr"]
+    assert any(f"cannot read image {image}" in logs for image in concurrent_sweep["broken"])
+
+
+@pytest.mark.ray
+def test_secrets_leak_nowhere_and_the_dashboard_listens_on_localhost(concurrent_sweep):
+    sweep, client = concurrent_sweep, MlflowClient(concurrent_sweep["uri"])
+    assert FAKE_SECRET not in sweep["stdout"] + sweep["stderr"]
+    artifacts = sweep["home"] / "artifacts"
+    for run in [client.get_run(sweep["parent_run_id"]), *_trial_runs(sweep).values()]:
+        assert FAKE_SECRET not in json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(artifacts / run.info.run_id),
+                                            tracking_uri=sweep["uri"])
+    written = [*artifacts.rglob("*"), *(sweep["home"] / "runs").rglob("*"), *sweep["ray_dir"].rglob("*")]
+    files = [p for p in written if p.is_file() and not p.is_symlink() and not p.name.endswith(".sock")]
+    assert len(files) > 50  # artifacts, checkpoints, Tune's state and Ray's logs
+    assert [str(p) for p in files if FAKE_SECRET.encode() in p.read_bytes()] == []
+    text = "\n".join(p.read_text(errors="replace") for p in sweep["ray_dir"].rglob("dashboard.log"))
+    assert re.findall(r"Dashboard head http address: (\S+):\d+", text) == ["127.0.0.1"]
 
 
 def test_four_processes_writing_one_sqlite_store_lose_no_metric(tmp_path):

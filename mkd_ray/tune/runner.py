@@ -236,6 +236,18 @@ class SweepSummary:
     path: str
 
 
+_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
+def _keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS credentials into every trial's runtime env, and Ray's
+    runtime-env agent writes runtime envs to its log in plain text. Trials on this machine
+    inherit the environment anyway; cluster nodes should hold their own credentials."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - _CREDENTIALS
+
+
 def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Optional[str] = None,
               address: Optional[str] = None, resume: bool = False) -> SweepSummary:
     """Run (or, with `resume`, continue) the sweep `name` under `storage/<name>`."""
@@ -254,6 +266,7 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
     experiment = experiment or sweep.base.name
     parent_id = _open_parent(sweep, experiment, name, uri)
     client = MlflowClient(tracking_uri=uri)
+    _keep_credentials_out_of_trial_runtime_envs()
     try:
         connect(address)
         plan = plan_resources(sweep, ray.cluster_resources())
