@@ -113,7 +113,7 @@ class ProgressMeter:
     _last_step: int = 0
     _sums: dict = field(default_factory=dict)
     _n: int = 0
-    # Stays a tensor (no host sync per step); read at report steps by `finite()`.
+    # Stays a tensor (no host sync per step); read at report steps through `finite_flag()`.
     _finite: Optional[torch.Tensor] = None
 
     def __post_init__(self):

@@ -32,7 +32,7 @@ from ray.util.queue import Queue
 from mkd_ray import storage as storage_paths
 from mkd_ray import tracking
 from mkd_ray.config import ConfigError, ExperimentConfig, config_from_dict, with_absolute_paths
-from mkd_ray.data.sources import checked_data, ensure_synthetic
+from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
 from mkd_ray.train.trainer import build_trainer, checkpoint_step, connect, fit_trainer
 from mkd_ray.tune.space import Sweep
 
@@ -68,13 +68,15 @@ class CheckpointsToTune(UserCallback):
             self.reports.put((metrics[0], checkpoint))
 
 
-def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_run_id: str, experiment: str,
-              uri: str, storage: str, pbt_interval: int = 0) -> None:
+def run_trial(sampled: dict, base: dict, base_data: ExperimentData, sweep_name: str, metric: str,
+              parent_run_id: str, experiment: str, uri: str, storage: str, pbt_interval: int = 0) -> None:
     """One trial: the base config with the sampled values, trained by a TorchTrainer whose
     checkpoints live under `storage/<run name>` (so a restored sweep resumes the trial).
-    With `pbt_interval`, it checkpoints at each of PBT's decision steps and hands Tune each one."""
+    With `pbt_interval`, it checkpoints at each of PBT's decision steps and hands Tune each one.
+    `base_data` is the base config's checked dataset, used unless the trial searches data keys."""
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(base, dict(sampled))
+    data = base_data if cfg.data == config_from_dict(base).data else checked_data(cfg)
     if pbt_interval:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_interval=pbt_interval))
     logger = tracking.open_run(cfg, experiment, f"{sweep_name}-{trial_id}", uri, tags={
@@ -83,9 +85,9 @@ def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_ru
     mlflow_run = {"uri": uri, "run_id": logger.run_id}
     try:
         if pbt_interval:
-            _train_for_pbt(cfg, sampled, trial_id, metric, storage, mlflow_run)
+            _train_for_pbt(cfg, data, sampled, trial_id, metric, storage, mlflow_run)
         else:
-            fit_trainer(build_trainer(cfg, checked_data(cfg), trial_id, storage, mlflow_run,
+            fit_trainer(build_trainer(cfg, data, trial_id, storage, mlflow_run,
                                       callbacks=[EvaluationsToTune(metric)]))
     except SystemExit:  # Tune stopping or pausing the trial: the driver settles its run
         raise
@@ -95,8 +97,8 @@ def run_trial(sampled: dict, base: dict, sweep_name: str, metric: str, parent_ru
     tracking.close_run(logger)
 
 
-def _train_for_pbt(cfg: ExperimentConfig, sampled: dict, trial_id: str, metric: str, storage: str,
-                   mlflow_run: dict) -> None:
+def _train_for_pbt(cfg: ExperimentConfig, data: ExperimentData, sampled: dict, trial_id: str, metric: str,
+                   storage: str, mlflow_run: dict) -> None:
     """Fit in a helper thread and report each checkpointed evaluation to Tune from this one.
 
     The run starts from Tune's checkpoint: this trial's own after a restored sweep, or the
@@ -113,7 +115,7 @@ def _train_for_pbt(cfg: ExperimentConfig, sampled: dict, trial_id: str, metric: 
     values = {f"pbt/{k}": v for k, v in sampled.items() if isinstance(v, (int, float))}
     tracking.RunLogger(**mlflow_run).metrics({**values, "pbt/copied_from_other_trial": float(copied)}, step)
     reports = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, checked_data(cfg), f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, mlflow_run,
+    trainer = build_trainer(cfg, data, f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, mlflow_run,
                             callbacks=[CheckpointsToTune(metric, reports)], initial_checkpoint=start)
     failure: list[BaseException] = []
 
@@ -254,7 +256,7 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
     started = time.perf_counter()
     base_cfg = with_absolute_paths(sweep.base)
     ensure_synthetic(base_cfg)
-    checked_data(base_cfg)  # a bad dataset fails here, before Ray starts
+    base_data = checked_data(base_cfg)  # a bad dataset fails here, before Ray starts
     base = yaml.safe_load(yaml.safe_dump(base_cfg.to_dict()))
     storage = storage_paths.resolve(storage)  # a shared filesystem path or an object-store URI
     sweep_dir = storage_paths.join(storage, name)
@@ -271,9 +273,9 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
         connect(address)
         plan = plan_resources(sweep, ray.cluster_resources())
         trainable = tune.with_resources(
-            functools.partial(run_trial, base=base, sweep_name=name, metric=sweep.tune.metric, parent_run_id=parent_id,
-                              experiment=experiment, uri=uri, storage=storage_paths.join(sweep_dir, "trials"),
-                              pbt_interval=pbt_interval(sweep)),
+            functools.partial(run_trial, base=base, base_data=base_data, sweep_name=name, metric=sweep.tune.metric,
+                              parent_run_id=parent_id, experiment=experiment, uri=uri,
+                              storage=storage_paths.join(sweep_dir, "trials"), pbt_interval=pbt_interval(sweep)),
             {"CPU": plan.trial_cpus})
         if resume:
             tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
