@@ -155,7 +155,8 @@ def test_the_catalogue_has_at_least_thirty_entries_in_every_category():
 def test_bad_input_is_refused_clearly_before_any_work(case, workspace, monkeypatch, capsys):
     name, argv, words, damage = case
     monkeypatch.chdir(workspace)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    store = workspace / "mlflow.db"  # the workspace's own tracking store, which must stay untouched
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     broken = workspace / "data" / "broken"
     shutil.rmtree(broken, ignore_errors=True)
     if damage:
