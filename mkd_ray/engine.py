@@ -115,6 +115,8 @@ class ProgressMeter:
     _n: int = 0
     # Stays a tensor (no host sync per step); read at report steps through `finite_flag()`.
     _finite: Optional[torch.Tensor] = None
+    # Unreadable unlabeled images the stream replaced (a CPU count, read from the batches).
+    skipped: int = 0
 
     def __post_init__(self):
         self._last_step = self.start_step
@@ -125,6 +127,10 @@ class ProgressMeter:
         self._n += 1
         finite = torch.isfinite(metrics["loss"].detach())
         self._finite = finite if self._finite is None else self._finite & finite
+
+    def count_skipped(self, unlabeled_batch: Optional[dict]) -> None:
+        if unlabeled_batch is not None:
+            self.skipped += int(unlabeled_batch["skipped"].sum())
 
     def finite_flag(self) -> torch.Tensor:
         """1 while every loss since the start of this invocation was finite, else 0 (a tensor)."""
@@ -194,11 +200,9 @@ def train_local(
     result: dict = {}
     start = time.perf_counter()
     last_step = cfg.train.last_step
-    skipped = 0  # unreadable unlabeled images the stream replaced
     for step in range(start_step + 1, last_step + 1):
         unlabeled_batch = next(unlabeled) if unlabeled else None
-        if unlabeled_batch is not None:
-            skipped += int(unlabeled_batch["skipped"].sum())
+        meter.count_skipped(unlabeled_batch)
         batch = to_batch(next(labeled), unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics)
@@ -207,9 +211,9 @@ def train_local(
         if step % cfg.train.log_interval == 0 or step == cfg.train.iters:
             values = meter.summary(step)
             log(ProgressMeter.line(step, cfg.train.iters, values))
-            history.append({"step": step, **values, "data/skipped": skipped})
+            history.append({"step": step, **values, "data/skipped": meter.skipped})
             if on_metrics:
-                on_metrics(step, {**{f"train/{k}": v for k, v in values.items()}, "data/skipped": skipped})
+                on_metrics(step, {**{f"train/{k}": v for k, v in values.items()}, "data/skipped": meter.skipped})
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
             meter_iou = run_evaluation(method, cfg, eval_batches(data.val, cfg, cfg.data.val_batch_size), device)
             result = {"val/miou": meter_iou.miou(), "val/iou": meter_iou.per_class(), "step": step}

@@ -35,11 +35,10 @@ def draws_per_step(cfg: ExperimentConfig) -> int:
     return max(cfg.scaling.num_workers, 1) * cfg.data.unlabeled_batch_size
 
 
-def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int, skipped: list):
+def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int):
     """This rank's unlabeled batches from draw `first_draw` on. The trainer starts the stream
     at the draw of the checkpoint Ray restores (both read Ray's checkpoint record); draws
-    before `first_draw`, should the stream start earlier, are skipped. Unreadable images the
-    stream replaced are added to `skipped[0]`."""
+    before `first_draw`, should the stream start earlier, are skipped."""
     shard = ray.train.get_dataset_shard("unlabeled")
     for batch in shard.iter_torch_batches(batch_size=cfg.data.unlabeled_batch_size, drop_last=True, device="cpu"):
         if int(batch["draw"].min()) < first_draw:
@@ -47,7 +46,6 @@ def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int, 
         batch["ignore"] = batch["ignore"].bool()
         batch["cutmix"] = batch["cutmix"].bool()
         draws = batch.pop("draw")
-        skipped[0] += int(batch.pop("skipped").sum())
         if len(seen_draws) < _MAX_TRACKED_DRAWS:
             seen_draws.update(draws.tolist())
         yield batch
@@ -153,9 +151,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step, rank=rank))
     seen_draws: set = set()
-    skipped = [0]  # unreadable unlabeled images this rank's stream replaced
     first_draw = start_step * draws_per_step(cfg)
-    unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw, skipped) if method.uses_unlabeled else None
+    unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None
     images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
     meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
     data_wait = 0.0
@@ -166,6 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         unlabeled_batch = next(unlabeled) if unlabeled else None
         labeled_batch = next(labeled)
         data_wait += time.perf_counter() - waited_from
+        meter.count_skipped(unlabeled_batch)
         batch = to_batch(labeled_batch, unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics)
@@ -185,7 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             values["data_wait_fraction"] = data_wait / max(values["seconds_per_iter"] * cfg.train.log_interval, 1e-9)
             data_wait = 0.0
             metrics.update({f"train/{k}": v for k, v in values.items() if k != "eta_s"})
-            metrics["data/skipped"] = _sum_over_ranks(skipped[0], world)
+            metrics["data/skipped"] = _sum_over_ranks(meter.skipped, world, device)
             if rank == 0:
                 print(ProgressMeter.line(step, cfg.train.iters, values), flush=True)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
@@ -216,10 +214,10 @@ def _all_finite(meter: ProgressMeter, world: int, device) -> bool:
     return bool(flag)
 
 
-def _sum_over_ranks(value: float, world: int) -> float:
+def _sum_over_ranks(value: float, world: int, device) -> float:
     if world == 1:
         return float(value)
-    total = torch.tensor(float(value))
+    total = torch.tensor(float(value), device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(total)
     return total.item()
 
