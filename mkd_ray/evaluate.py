@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from mkd_ray.method.losses import class_argmax
 from mkd_ray.metrics import MeanIoU
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # normalised images -> class probabilities
@@ -78,7 +79,7 @@ def evaluate(
         if mode == "center":
             top, left, h, w = center_box(*masks.shape[-2:], crop)
             masks = masks[..., top : top + h, left : left + w]
-        pred = probs.argmax(1)
+        pred = class_argmax(probs)
         meter.update(pred, masks)
         if on_prediction is not None:
             on_prediction(batch, pred)

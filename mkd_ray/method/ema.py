@@ -23,8 +23,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, bn_buffers:
     torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
     if bn_buffers == "none":
         return
-    for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
-        if bn_buffers == "ema" and t_buf.is_floating_point():
-            t_buf.lerp_(s_buf, 1.0 - decay)
-        else:
-            t_buf.copy_(s_buf)
+    pairs = list(zip(teacher.buffers(), student.buffers()))
+    blended = [(t, s) for t, s in pairs if bn_buffers == "ema" and t.is_floating_point()]
+    copied = [(t, s) for t, s in pairs if not (bn_buffers == "ema" and t.is_floating_point())]
+    if blended:  # one multi-tensor op instead of a kernel launch per buffer
+        torch._foreach_lerp_([t for t, _ in blended], [s for _, s in blended], 1.0 - decay)
+    if copied:
+        torch._foreach_copy_([t for t, _ in copied], [s for _, s in copied])

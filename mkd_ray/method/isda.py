@@ -30,10 +30,11 @@ class ClassFeatureStats(nn.Module):
             labels = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long()
         feats = features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         labels = labels.reshape(-1)
-        keep = labels != ignore_index
-        feats, labels = feats[keep], labels[keep]
         num_classes = self.mean.shape[0]
-        onehot = F.one_hot(labels, num_classes).to(feats.dtype)  # (N, C)
+        # Ignored pixels get an all-zero one-hot row rather than being indexed out: boolean
+        # indexing would wait for the device to count them.
+        keep = (labels != ignore_index).to(feats.dtype)[:, None]
+        onehot = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).to(feats.dtype) * keep  # (N, C)
         n_new = onehot.sum(0)  # (C,)
         sums = onehot.t() @ feats  # (C, D)
         sq_sums = onehot.t() @ (feats * feats)

@@ -25,6 +25,7 @@ from mkd_ray.config import MethodConfig
 from mkd_ray.method.ema import ema_decay_at, ema_update
 from mkd_ray.method.isda import ClassFeatureStats, augment_logits
 from mkd_ray.method.losses import (
+    class_argmax,
     cosine_rampup,
     masked_cross_entropy,
     pseudo_labels,
@@ -236,7 +237,7 @@ class MutualKD(nn.Module):
         z = out["logits"]
         if self.use_isda and self.cfg.isda_teachers:
             stats = self.feature_stats[len(self.students) + t]
-            own = z.argmax(1)
+            own = class_argmax(z)
             if self.cfg.distill_labeled:
                 n_l = batch.x_l.shape[0]
                 own = torch.cat([batch.y_l, own[n_l:]])
@@ -265,9 +266,9 @@ class MutualKD(nn.Module):
         if st_targets:
             unl = st_targets[i] if not self.cfg.distill_labeled else st_targets[i][n_l:]
         elif len(outs) == 2:
-            unl = outs[1 - i]["logits"][n_l:].detach().argmax(1)
+            unl = class_argmax(outs[1 - i]["logits"][n_l:].detach())
         else:
-            unl = outs[i]["logits"][n_l:].detach().argmax(1)
+            unl = class_argmax(outs[i]["logits"][n_l:].detach())
         target = torch.cat([y_l, unl])
         return target.masked_fill(~valid_all, self.ignore_index)
 
@@ -275,7 +276,7 @@ class MutualKD(nn.Module):
         """Labels for a student's feature statistics: gt on labeled pixels, its own argmax elsewhere."""
         if not self.uses_unlabeled:
             return y_l
-        own = torch.cat([y_l, logits[n_l:].detach().argmax(1)])
+        own = torch.cat([y_l, class_argmax(logits[n_l:].detach())])
         return own.masked_fill(~valid_all, self.ignore_index)
 
     @torch.no_grad()

@@ -36,6 +36,6 @@ class KnowledgeSelector(nn.Module):
     @torch.no_grad()
     def _update(self, conf: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> None:
         confident = valid & (conf >= self.tau)
-        counts = torch.bincount(label[confident], minlength=self.confident_share.numel()).float()
+        counts = torch.zeros_like(self.confident_share).scatter_add_(0, label.reshape(-1), confident.reshape(-1).float())
         share = counts / valid.sum().clamp(min=1)
         self.confident_share.mul_(self.momentum).add_((1 - self.momentum) * share)

@@ -1,0 +1,217 @@
+"""ssl_table: the method evidence. Supervised, mean teacher, CPS, MKD and three MKD ablations
+on the synthetic pipeline at equal iteration budgets, over several seeds and splits, beside two
+references: supervised on all labels (the upper bound) and supervised at MKD's wall-clock.
+
+    .venv/bin/python benchmarks/ssl_table.py [--splits 1_16 1_8] [--seeds 0 1 2] [--parallel 2] [--smoke]
+
+Every run is `run.py train --local` logged to one MLflow experiment (--experiment). The table
+(mean +- std val mIoU, and the share of the supervised -> upper-bound gap each row recovers)
+and a plot go to --out and to a summary run in the same experiment. Each finished run leaves
+--out/runs/<key>.json, so a table that was interrupted resumes where it stopped. The full
+table (2 splits x 3 seeds, 51 runs) takes about 4 hours on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from _common import REPO, emit, harness_parser, sets
+
+# Row -> overrides of the pipeline. Every row shares the pipeline's budget and schedule.
+ROWS = {
+    "supervised": ["method.name=supervised"],
+    "mean teacher": ["method.name=mean_teacher"],
+    "CPS": ["method.name=cps"],
+    "MKD": ["method.name=mkd"],
+    "MKD w/o feature aug": ["method.name=mkd", "method.feature_aug=none"],
+    "MKD w/o L_ss": ["method.name=mkd", "method.lambda_ss=0"],
+    "MKD w/o L_st": ["method.name=mkd", "method.lambda_st=0"],
+}
+UPPER = "supervised, all labels"
+WALL_CLOCK = "supervised, MKD's wall-clock"
+SMOKE = ["train.iters=6", "method.rampup_iters=2", "model.width=0.25", "model.aspp_channels=16",
+         "model.decoder_channels=16", "model.low_level_channels=8", "data.synth.num_train=64",
+         "data.synth.num_val=16", "data.synth.splits=['1_8']", "data.val_batch_size=16"]
+
+
+@dataclass(frozen=True)
+class Run:
+    row: str
+    split: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}-{re.sub(r'[^A-Za-z0-9]+', '_', self.row).strip('_')}-s{self.seed}"
+
+
+def plan(splits: list[str], seeds: list[int]) -> list[Run]:
+    """The equal-budget runs; the wall-clock references are planned once MKD's times are known."""
+    runs = [Run(row, split, seed, tuple(o)) for split in splits for seed in seeds for row, o in ROWS.items()]
+    return runs + [Run(UPPER, "all", seed, ("method.name=supervised",)) for seed in seeds]
+
+
+def wall_clock_runs(splits: list[str], seeds: list[int], done: dict[str, dict], iters: int) -> list[Run]:
+    """Supervised for as long as MKD took: its iterations scaled by MKD's time over supervised's."""
+    runs = []
+    for split in splits:
+        for seed in seeds:
+            mkd, sup = (done[Run(r, split, seed, ()).key] for r in ("MKD", "supervised"))
+            scaled = max(1, round(iters * mkd["seconds"] / sup["seconds"]))
+            runs.append(Run(WALL_CLOCK, split, seed, ("method.name=supervised", f"train.iters={scaled}",
+                                                      f"train.eval_interval={scaled}",
+                                                      f"train.checkpoint_interval={scaled}")))
+    return runs
+
+
+def execute(run: Run, base: list[str], args, out: Path) -> dict:
+    """One `run.py train --local`, unless its result is already on disk."""
+    result_file = out / "runs" / f"{run.key}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    overrides = [*base, f"data.split={run.split}", f"train.seed={run.seed}", f"train.threads={args.threads}",
+                 *run.overrides]
+    command = [sys.executable, "run.py", "train", "--local", *sets(overrides), "--name", run.key,
+               "--storage", str(out / "checkpoints"), "--experiment", args.experiment,
+               "--summary", str(result_file.with_suffix(".tmp"))]
+    started = time.monotonic()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run.key} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(result_file.with_suffix(".tmp").read_text())
+    result = {"row": run.row, "split": run.split, "seed": run.seed, "miou": summary["val/miou"],
+              "seconds": summary["seconds"], "iters": summary["step"], "wall_s": time.monotonic() - started}
+    result_file.write_text(json.dumps(result, indent=2))
+    result_file.with_suffix(".tmp").unlink()
+    print(f"{run.key}: {result['miou']:.2f} mIoU in {result['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def run_all(runs: list[Run], base: list[str], args, out: Path) -> dict[str, dict]:
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        results = list(pool.map(lambda r: execute(r, base, args, out), runs))
+    return {run.key: result for run, result in zip(runs, results)}
+
+
+def table(results: list[dict], splits: list[str]) -> list[dict]:
+    """Mean +- std per (split, row), and the share of the supervised -> upper-bound gap recovered."""
+    def scores(row, split):
+        return [r["miou"] for r in results if r["row"] == row and r["split"] == split]
+
+    upper = statistics.mean(scores(UPPER, "all"))
+    rows = []
+    for split in splits:
+        supervised = statistics.mean(scores("supervised", split))
+        for row in [*ROWS, WALL_CLOCK]:
+            values = scores(row, split)
+            mean = statistics.mean(values)
+            rows.append({"split": split, "row": row, "mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "seeds": len(values), "gap_recovered": (mean - supervised) / (upper - supervised)})
+    rows.append({"split": "all", "row": UPPER, "mean": upper, "seeds": len(scores(UPPER, "all")),
+                 "std": statistics.stdev(scores(UPPER, "all")) if len(scores(UPPER, "all")) > 1 else 0.0,
+                 "gap_recovered": 1.0})
+    return rows
+
+
+def markdown(rows: list[dict], splits: list[str]) -> str:
+    lines = ["| method | " + " | ".join(f"{s} mIoU | {s} gap recovered" for s in splits) + " |",
+             "| --- |" + " --- | --- |" * len(splits)]
+    for row in [*ROWS, WALL_CLOCK]:
+        cells = []
+        for split in splits:
+            r = next(x for x in rows if x["row"] == row and x["split"] == split)
+            cells += [f"{r['mean']:.1f} +- {r['std']:.1f}", f"{100 * r['gap_recovered']:+.0f}%"]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    upper = rows[-1]
+    lines.append(f"| {UPPER} (upper bound) | " + " | ".join([f"{upper['mean']:.1f} +- {upper['std']:.1f}", "100%"] * len(splits)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], splits: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*ROWS, WALL_CLOCK]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(splits)
+    for k, split in enumerate(splits):
+        picked = [next(r for r in rows if r["row"] == n and r["split"] == split) for n in names]
+        ax.bar([i + k * width for i in range(len(names))], [r["mean"] for r in picked], width,
+               yerr=[r["std"] for r in picked], label=f"split {split}", capsize=3)
+    ax.axhline(rows[-1]["mean"], color="black", linestyle="--", label=UPPER)
+    ax.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(names))], names, rotation=25, ha="right")
+    ax.set_ylabel("val mIoU (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_summary(experiment: str, out: Path, args) -> str:
+    """A summary run beside the training runs, holding the table, the plot and every result."""
+    from mlflow.tracking import MlflowClient
+
+    from mkd_ray.tracking import git_commit, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name="ssl-table", tags={"mkd_ray.role": "ssl_table", "git_commit": git_commit()})
+    client.log_param(run.info.run_id, "splits", ",".join(args.splits))
+    client.log_param(run.info.run_id, "seeds", ",".join(map(str, args.seeds)))
+    for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
+        client.log_artifact(run.info.run_id, str(out / name))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def main() -> None:
+    parser = harness_parser(__doc__, repeats=1)
+    parser.add_argument("--splits", nargs="+", default=["1_16", "1_8"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--experiment", default="ssl-table")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ssl_table")
+    args = parser.parse_args()
+
+    from mkd_ray.config import load_config
+    from mkd_ray.data.sources import ensure_synthetic
+
+    base = []
+    if args.smoke:
+        args.splits, args.seeds = ["1_8"], [0, 1]
+        base = SMOKE + [f"data.root={args.out / 'data'}"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs").mkdir(exist_ok=True)
+    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", base)
+    ensure_synthetic(cfg)  # once, before runs start side by side
+    base += [f"train.eval_interval={cfg.train.iters}", f"train.checkpoint_interval={cfg.train.iters}"]
+
+    done = run_all(plan(args.splits, args.seeds), base, args, args.out)
+    done.update(run_all(wall_clock_runs(args.splits, args.seeds, done, cfg.train.iters), base, args, args.out))
+    rows = table(list(done.values()), args.splits)
+    (args.out / "ssl_table.md").write_text(markdown(rows, args.splits))
+    (args.out / "ssl_table.json").write_text(json.dumps({"rows": rows, "runs": list(done.values())}, indent=2))
+    plot(rows, args.splits, args.out / "ssl_table.png")
+    run_id = log_summary(args.experiment, args.out, args)
+    mkd = next(r for r in rows if r["row"] == "MKD" and r["split"] == args.splits[-1])
+    supervised = next(r for r in rows if r["row"] == "supervised" and r["split"] == args.splits[-1])
+    emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"], "goal": "> 1 (MKD above supervised)",
+          "smoke": args.smoke, "rows": rows, "mlflow_run_id": run_id, "table": str(args.out / "ssl_table.md")})
+
+
+if __name__ == "__main__":
+    main()
