@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: setup tune train test
+.PHONY: setup tune train test bench-smoke
 setup: $(VENV)/.installed
 
 tune: $(VENV)/.installed
@@ -20,3 +20,7 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Every harness in benchmarks/ with --smoke: checks they run and print their JSON, not their numbers.
+bench-smoke: $(VENV)/.installed
+	$(PY) benchmarks/smoke.py

@@ -4,7 +4,8 @@ references: supervised on all labels (the upper bound) and supervised at MKD's w
 
     .venv/bin/python benchmarks/ssl_table.py [--splits 1_16 1_8] [--seeds 0 1 2] [--parallel 2] [--smoke]
 
-Every run is `run.py train --local` logged to one MLflow experiment (--experiment). The table
+Every run is `run.py train --local`; each is logged as a child run of one MLflow parent run in
+--experiment (default ssl-table), with its params, val mIoU, per-class IoU and time. The table
 (mean +- std val mIoU, and the share of the supervised -> upper-bound gap each row recovers)
 and a plot go to --out and to a summary run in the same experiment. Each finished run leaves
 --out/runs/<key>.json, so a table that was interrupted resumes where it stopped. The full
@@ -19,6 +20,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,8 +91,9 @@ def execute(run: Run, base: list[str], args, out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{run.key} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(result_file.with_suffix(".tmp").read_text())
-    result = {"row": run.row, "split": run.split, "seed": run.seed, "miou": summary["val/miou"],
-              "seconds": summary["seconds"], "iters": summary["step"], "wall_s": time.monotonic() - started}
+    result = {"row": run.row, "split": run.split, "seed": run.seed, "overrides": list(run.overrides),
+              "miou": summary["val/miou"], "iou": summary["val/iou"], "seconds": summary["seconds"],
+              "iters": summary["step"], "wall_s": time.monotonic() - started}
     result_file.write_text(json.dumps(result, indent=2))
     result_file.with_suffix(".tmp").unlink()
     print(f"{run.key}: {result['miou']:.2f} mIoU in {result['seconds']:.0f} s", file=sys.stderr, flush=True)
@@ -159,8 +162,9 @@ def plot(rows: list[dict], splits: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def log_summary(experiment: str, out: Path, args) -> str:
-    """A summary run beside the training runs, holding the table, the plot and every result."""
+def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: list[str], args) -> str:
+    """One parent run holding the table and the plot, and a child run per training run."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from mkd_ray.tracking import git_commit, tracking_uri
@@ -168,13 +172,23 @@ def log_summary(experiment: str, out: Path, args) -> str:
     client = MlflowClient(tracking_uri())
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name="ssl-table", tags={"mkd_ray.role": "ssl_table", "git_commit": git_commit()})
-    client.log_param(run.info.run_id, "splits", ",".join(args.splits))
-    client.log_param(run.info.run_id, "seeds", ",".join(map(str, args.seeds)))
+    tags = {"mkd_ray.role": "ssl_table", "git_commit": git_commit()}
+    parent = client.create_run(experiment_id, run_name="ssl-table", tags=tags).info.run_id
+    client.log_batch(parent, params=[Param("splits", ",".join(args.splits)), Param("seeds", ",".join(map(str, args.seeds)))])
     for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
-        client.log_artifact(run.info.run_id, str(out / name))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        client.log_artifact(parent, str(out / name))
+    for r in results:
+        child = client.create_run(experiment_id, run_name=f"{r['split']} {r['row']} seed {r['seed']}",
+                                  tags={**tags, "mlflow.parentRunId": parent, "method": r["row"]}).info.run_id
+        params = {"row": r["row"], "data.split": r["split"], "train.seed": r["seed"], "train.iters": r["iters"],
+                  "overrides": " ".join(r["overrides"])}
+        metrics = {"val/miou": r["miou"], "seconds": r["seconds"],
+                   **{f"val/iou/{name}": value for name, value in zip(class_names, r["iou"])}}
+        client.log_batch(child, params=[Param(k, str(v)) for k, v in params.items()],
+                         metrics=[Metric(k, float(v), 0, r["iters"]) for k, v in metrics.items()])
+        client.set_terminated(child)
+    client.set_terminated(parent)
+    return parent
 
 
 def main() -> None:
@@ -184,7 +198,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--experiment", default="ssl-table")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ssl_table")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/ssl_table (a temporary folder with --smoke)")
     args = parser.parse_args()
 
     from mkd_ray.config import load_config
@@ -192,8 +206,10 @@ def main() -> None:
 
     base = []
     if args.smoke:
-        args.splits, args.seeds = ["1_8"], [0, 1]
+        args.splits, args.seeds = ["1_8"], [0]
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="ssl_table_smoke"))
         base = SMOKE + [f"data.root={args.out / 'data'}"]
+    args.out = args.out or REPO / "benchmarks" / "results" / "ssl_table"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runs").mkdir(exist_ok=True)
     cfg = load_config(REPO / "pipelines" / "synthetic.yaml", base)
@@ -206,7 +222,7 @@ def main() -> None:
     (args.out / "ssl_table.md").write_text(markdown(rows, args.splits))
     (args.out / "ssl_table.json").write_text(json.dumps({"rows": rows, "runs": list(done.values())}, indent=2))
     plot(rows, args.splits, args.out / "ssl_table.png")
-    run_id = log_summary(args.experiment, args.out, args)
+    run_id = log_to_mlflow(args.experiment, args.out, list(done.values()), cfg.data.class_names, args)
     mkd = next(r for r in rows if r["row"] == "MKD" and r["split"] == args.splits[-1])
     supervised = next(r for r in rows if r["row"] == "supervised" and r["split"] == args.splits[-1])
     emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"], "goal": "> 1 (MKD above supervised)",

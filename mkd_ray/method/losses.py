@@ -29,15 +29,23 @@ def masked_cross_entropy(
     norm="valid":  sum over kept pixels / number of valid pixels (UniMatch), which shrinks
     the loss when few pixels pass the threshold.
     """
-    per_pixel = F.cross_entropy(logits.float(), target.clamp(min=0, max=logits.shape[1] - 1), reduction="none")
+    return masked_nll(logits.float().log_softmax(dim=1), target, keep, valid, norm)
+
+
+def masked_nll(
+    log_probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, norm: str = "passed"
+) -> torch.Tensor:
+    """`masked_cross_entropy` from log-probabilities, so that the loss terms of one network
+    share one log-softmax (and its backward) over its logits."""
+    per_pixel = F.nll_loss(log_probs, target.clamp(min=0, max=log_probs.shape[1] - 1), reduction="none")
     kept = keep.to(per_pixel.dtype)
     denom = kept.sum() if norm == "passed" else valid.to(per_pixel.dtype).sum()
     return (per_pixel * kept).sum() / denom.clamp(min=1.0)
 
 
-def supervised_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def supervised_nll(log_probs: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     valid = target != ignore_index
-    return masked_cross_entropy(logits, target, valid, valid, "passed")
+    return masked_nll(log_probs, target, valid, valid, "passed")
 
 
 def sigmoid_rampup(step: int, rampup_iters: int) -> float:

@@ -30,7 +30,8 @@ from mkd_ray.method.losses import (
     masked_cross_entropy,
     pseudo_labels,
     sigmoid_rampup,
-    supervised_cross_entropy,
+    masked_nll,
+    supervised_nll,
 )
 from mkd_ray.method.selection import KnowledgeSelector
 
@@ -193,12 +194,13 @@ class MutualKD(nn.Module):
                 z = augment_logits(z, isda_target, offsets, ignore)
             logits.append(z)
 
+        log_probs = [z.float().log_softmax(dim=1) for z in logits]  # one per network, shared by its terms
         zero = batch.x_l.new_zeros(())
-        loss_sup = sum((supervised_cross_entropy(z[:n_l], batch.y_l, ignore) for z in logits), zero)
+        loss_sup = sum((supervised_nll(lp[:n_l], batch.y_l, ignore) for lp in log_probs), zero)
 
         loss_st = zero
         for i, (target, keep) in enumerate(zip(st_targets, st_keep)):
-            term = masked_cross_entropy(logits[i][distill], target, keep, valid_d, cfg.loss_norm)
+            term = masked_nll(log_probs[i][distill], target, keep, valid_d, cfg.loss_norm)
             if fp:
                 fp_term = masked_cross_entropy(outs[i]["logits_fp"][distill], target, keep, valid_d, cfg.loss_norm)
                 term = 0.5 * (term + fp_term)
@@ -209,7 +211,7 @@ class MutualKD(nn.Module):
             for i in range(2):
                 conf, label = pseudo_labels(logits[1 - i][distill])
                 keep = valid_d & (conf >= cfg.tau_s)
-                loss_ss = loss_ss + masked_cross_entropy(logits[i][distill], label, keep, valid_d, cfg.loss_norm)
+                loss_ss = loss_ss + masked_nll(log_probs[i][distill], label, keep, valid_d, cfg.loss_norm)
                 ss_ratio = ss_ratio + keep.sum() / valid_d.sum().clamp(min=1) / 2
 
         ramp = self.unsup_weight()
