@@ -347,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
     try:
         return handler(args)
-    except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
+        if exc.filename is None:  # not a path the user gave (e.g. a vanished working directory): keep the traceback
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
