@@ -23,10 +23,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, bn_buffers:
     torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
     if bn_buffers == "none":
         return
-    pairs = list(zip(teacher.buffers(), student.buffers()))
-    blended = [(t, s) for t, s in pairs if bn_buffers == "ema" and t.is_floating_point()]
-    copied = [(t, s) for t, s in pairs if not (bn_buffers == "ema" and t.is_floating_point())]
-    if blended:  # one multi-tensor op instead of a kernel launch per buffer
-        torch._foreach_lerp_([t for t, _ in blended], [s for _, s in blended], 1.0 - decay)
-    if copied:
-        torch._foreach_copy_([t for t, _ in copied], [s for _, s in copied])
+    blended, copied = ([], []), ([], [])  # (teacher, student) buffers; one multi-tensor op each
+    for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
+        group = blended if bn_buffers == "ema" and t_buf.is_floating_point() else copied
+        group[0].append(t_buf)
+        group[1].append(s_buf)
+    if blended[0]:
+        torch._foreach_lerp_(*blended, 1.0 - decay)
+    if copied[0]:
+        torch._foreach_copy_(*copied)

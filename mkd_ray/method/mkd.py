@@ -28,9 +28,9 @@ from mkd_ray.method.losses import (
     class_argmax,
     cosine_rampup,
     masked_cross_entropy,
+    masked_nll,
     pseudo_labels,
     sigmoid_rampup,
-    masked_nll,
     supervised_nll,
 )
 from mkd_ray.method.selection import KnowledgeSelector
