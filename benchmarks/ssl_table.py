@@ -106,41 +106,39 @@ def run_all(runs: list[Run], base: list[str], args, out: Path) -> dict[str, dict
     return {run.key: result for run, result in zip(runs, results)}
 
 
-def table(results: list[dict], splits: list[str]) -> list[dict]:
-    """Mean +- std per (split, row), and the share of the supervised -> upper-bound gap recovered."""
-    def scores(row, split):
-        return [r["miou"] for r in results if r["row"] == row and r["split"] == split]
+def table(results: list[dict], splits: list[str]) -> dict[tuple[str, str], dict]:
+    """(split, row) -> mean +- std over seeds, and the share of the supervised -> upper-bound gap recovered."""
+    def summary(row: str, split: str) -> dict:
+        values = [r["miou"] for r in results if r["row"] == row and r["split"] == split]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"split": split, "row": row, "mean": statistics.mean(values), "std": std, "seeds": len(values)}
 
-    upper = statistics.mean(scores(UPPER, "all"))
-    rows = []
+    upper = summary(UPPER, "all")
+    rows = {}
     for split in splits:
-        supervised = statistics.mean(scores("supervised", split))
+        supervised = summary("supervised", split)["mean"]
         for row in [*ROWS, WALL_CLOCK]:
-            values = scores(row, split)
-            mean = statistics.mean(values)
-            rows.append({"split": split, "row": row, "mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                         "seeds": len(values), "gap_recovered": (mean - supervised) / (upper - supervised)})
-    rows.append({"split": "all", "row": UPPER, "mean": upper, "seeds": len(scores(UPPER, "all")),
-                 "std": statistics.stdev(scores(UPPER, "all")) if len(scores(UPPER, "all")) > 1 else 0.0,
-                 "gap_recovered": 1.0})
+            r = summary(row, split)
+            rows[split, row] = {**r, "gap_recovered": (r["mean"] - supervised) / (upper["mean"] - supervised)}
+    rows["all", UPPER] = {**upper, "gap_recovered": 1.0}
     return rows
 
 
-def markdown(rows: list[dict], splits: list[str]) -> str:
+def markdown(rows: dict[tuple[str, str], dict], splits: list[str]) -> str:
     lines = ["| method | " + " | ".join(f"{s} mIoU | {s} gap recovered" for s in splits) + " |",
              "| --- |" + " --- | --- |" * len(splits)]
     for row in [*ROWS, WALL_CLOCK]:
         cells = []
         for split in splits:
-            r = next(x for x in rows if x["row"] == row and x["split"] == split)
+            r = rows[split, row]
             cells += [f"{r['mean']:.1f} +- {r['std']:.1f}", f"{100 * r['gap_recovered']:+.0f}%"]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    upper = rows[-1]
+    upper = rows["all", UPPER]
     lines.append(f"| {UPPER} (upper bound) | " + " | ".join([f"{upper['mean']:.1f} +- {upper['std']:.1f}", "100%"] * len(splits)) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], splits: list[str], path: Path) -> None:
+def plot(rows: dict[tuple[str, str], dict], splits: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,10 +148,10 @@ def plot(rows: list[dict], splits: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(splits)
     for k, split in enumerate(splits):
-        picked = [next(r for r in rows if r["row"] == n and r["split"] == split) for n in names]
+        picked = [rows[split, n] for n in names]
         ax.bar([i + k * width for i in range(len(names))], [r["mean"] for r in picked], width,
                yerr=[r["std"] for r in picked], label=f"split {split}", capsize=3)
-    ax.axhline(rows[-1]["mean"], color="black", linestyle="--", label=UPPER)
+    ax.axhline(rows["all", UPPER]["mean"], color="black", linestyle="--", label=UPPER)
     ax.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(names))], names, rotation=25, ha="right")
     ax.set_ylabel("val mIoU (%)")
     ax.legend(fontsize=8)
@@ -220,13 +218,12 @@ def main() -> None:
     done.update(run_all(wall_clock_runs(args.splits, args.seeds, done, cfg.train.iters), base, args, args.out))
     rows = table(list(done.values()), args.splits)
     (args.out / "ssl_table.md").write_text(markdown(rows, args.splits))
-    (args.out / "ssl_table.json").write_text(json.dumps({"rows": rows, "runs": list(done.values())}, indent=2))
+    (args.out / "ssl_table.json").write_text(json.dumps({"rows": list(rows.values()), "runs": list(done.values())}, indent=2))
     plot(rows, args.splits, args.out / "ssl_table.png")
     run_id = log_to_mlflow(args.experiment, args.out, list(done.values()), cfg.data.class_names, args)
-    mkd = next(r for r in rows if r["row"] == "MKD" and r["split"] == args.splits[-1])
-    supervised = next(r for r in rows if r["row"] == "supervised" and r["split"] == args.splits[-1])
+    mkd, supervised = rows[args.splits[-1], "MKD"], rows[args.splits[-1], "supervised"]
     emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"], "goal": "> 1 (MKD above supervised)",
-          "smoke": args.smoke, "rows": rows, "mlflow_run_id": run_id, "table": str(args.out / "ssl_table.md")})
+          "smoke": args.smoke, "rows": list(rows.values()), "mlflow_run_id": run_id, "table": str(args.out / "ssl_table.md")})
 
 
 if __name__ == "__main__":
