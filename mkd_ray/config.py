@@ -86,6 +86,18 @@ class CutMixConfig:
 
 
 @dataclass
+class StrongAffineConfig:
+    """A random affine move of the strong view relative to the weak one; the teacher's
+    pseudo-labels are warped the same way. Off by default (prob 0), as in the paper."""
+
+    prob: float = field(default=0.0, metadata=_range(0, 1))
+    degrees: float = field(default=0.0, metadata=_range(0, 180))
+    scale: tuple[float, float] = (1.0, 1.0)
+    # Largest shift, as a fraction of the crop, along each axis.
+    translate: float = field(default=0.0, metadata=_range(0, 1))
+
+
+@dataclass
 class AugmentConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
@@ -95,6 +107,7 @@ class AugmentConfig:
     # "mild" (brightness/contrast + noise), "none".
     strong: Literal["reference", "unimatch", "mild", "none"] = "reference"
     cutmix: CutMixConfig = field(default_factory=CutMixConfig)
+    strong_affine: StrongAffineConfig = field(default_factory=StrongAffineConfig)
 
 
 @dataclass
@@ -380,6 +393,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     d, m = cfg.data, cfg.model
     _check_pair(cfg.augment.scale_range, "augment.scale_range", 0.05, 10.0)
     _check_pair(cfg.augment.cutmix.area, "augment.cutmix.area", 0.0, 1.0)
+    _check_pair(cfg.augment.strong_affine.scale, "augment.strong_affine.scale", 0.1, 10.0)
     if d.class_names is not None and len(d.class_names) != d.num_classes:
         raise ConfigError(
             "data.class_names", f"has {len(d.class_names)} names; expected data.num_classes={d.num_classes}"

@@ -69,6 +69,8 @@ def to_batch(labeled: dict, unlabeled: Optional[dict], cfg: ExperimentConfig, de
         ignore_u=unlabeled["ignore"].to(device, non_blocking=True),
         cutmix=unlabeled["cutmix"].to(device, non_blocking=True),
         y_u=unlabeled["mask"].to(device, non_blocking=True).long(),
+        # Without a strong affine every warp is the identity: skip the resampling.
+        warp=unlabeled["warp"].to(device, non_blocking=True) if cfg.augment.strong_affine.prob > 0 else None,
     )
 
 
@@ -151,7 +153,7 @@ class ProgressMeter:
 
     @staticmethod
     def line(step: int, total: int, values: dict[str, float]) -> str:
-        keys = ("loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio")
+        keys = ("loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "pseudo_acc_kept", "data_wait_fraction")
         parts = [f"{k}={values[k]:.3f}" for k in keys if k in values]
         return (
             f"step {step}/{total}  " + "  ".join(parts)

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -5,9 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from mkd_ray.config import AugmentConfig, CutMixConfig, SynthConfig, load_config
+from mkd_ray.config import AugmentConfig, CutMixConfig, StrongAffineConfig, SynthConfig, load_config
 from mkd_ray.data import io, splits, synthetic
-from mkd_ray.data.augment import cutmix_box_mask, labeled_views, sample_rng, strong_photometric, unlabeled_views
+from mkd_ray.data.augment import (
+    IDENTITY_WARP,
+    cutmix_box_mask,
+    labeled_views,
+    sample_rng,
+    strong_affine_theta,
+    strong_photometric,
+    unlabeled_views,
+)
 from mkd_ray.data.sources import resolve_data
 
 
@@ -207,6 +216,19 @@ def test_strong_views_keep_shape_and_dtype(kind):
     for seed in range(10):
         out = strong_photometric(image, kind, np.random.default_rng(seed))
         assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+def test_strong_affine_draws_stay_within_the_configured_ranges():
+    assert np.array_equal(strong_affine_theta(StrongAffineConfig(), np.random.default_rng(0)), IDENTITY_WARP)
+    cfg = StrongAffineConfig(prob=1.0, degrees=30, scale=(0.8, 1.25), translate=0.1)
+    for seed in range(20):
+        theta = strong_affine_theta(cfg, np.random.default_rng(seed))
+        linear, offset = theta[:, :2].astype(np.float64), theta[:, 2]
+        scale = 1 / math.sqrt(np.linalg.det(linear))  # the inverse map shrinks by 1 / scale
+        angle = math.degrees(math.atan2(linear[0, 1], linear[0, 0]))
+        shift = -np.linalg.solve(linear, offset) / 2  # back to fractions of the crop
+        assert 0.8 - 1e-5 <= scale <= 1.25 + 1e-5 and abs(angle) <= 30 + 1e-4
+        assert np.abs(shift).max() <= 0.1 + 1e-5
 
 
 def test_cutmix_boxes_cover_the_requested_area():

@@ -11,7 +11,7 @@ from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
 from mkd_ray.method.ema import ema_decay_at, ema_update
 from mkd_ray.method.isda import ClassFeatureStats, augment_logits
 from mkd_ray.method.losses import cosine_rampup, masked_cross_entropy, pseudo_labels, sigmoid_rampup
-from mkd_ray.method.mkd import _mix
+from mkd_ray.method.mkd import _mix, to_strong_view
 from mkd_ray.method.selection import KnowledgeSelector
 from tests.conftest import TinySeg
 
@@ -211,6 +211,40 @@ def test_cutmix_pseudo_labels_come_from_the_pixels_source_image():
     mixed = _mix(batch.cutmix, batch.x_s)
     assert torch.equal(mixed[0, :, :2, :2], batch.x_s[1, :, :2, :2])
     assert torch.equal(mixed[0, :, 2:, :], batch.x_s[0, :, 2:, :])
+
+
+def test_warped_strong_view_carries_its_pseudo_labels_and_padding_along():
+    """A one-pixel shift: the student's pixel j sees weak pixel j + 1, so its pseudo-label is
+    the teacher's label of weak pixel j + 1, and the column shifted in from outside is invalid."""
+    method = make_method(name="mean_teacher")
+    with torch.no_grad():  # the teacher labels a pixel 0 where channel 0 is positive, else 1
+        w = method.teachers[0].classifier.weight
+        w.zero_()
+        method.teachers[0].classifier.bias.zero_()
+        w[0, 0], w[1, 0] = 20.0, -20.0
+    batch = tiny_batch(b_u=2, hw=4)
+    batch.x_s = batch.x_w.clone()
+    batch.warp = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]).repeat(2, 1, 1)  # 0.5 = one pixel of 4
+    _, label = method._teacher_targets(0, batch, lam=0.0)
+    student_view = to_strong_view(batch, batch.x_s)
+    valid = to_strong_view(batch, ~batch.ignore_u)
+    assert torch.allclose(student_view[..., :3], batch.x_s[..., 1:])
+    assert torch.equal(label[..., :3], (batch.x_w[:, 0, :, 1:] <= 0).long())
+    assert valid[..., :3].all() and not valid[..., 3].any()
+
+
+def test_identity_warp_changes_no_loss():
+    method = make_method(name="mkd", lambda_ss=1.0, feature_aug="isda")
+    plain = tiny_batch(seed=3)
+    warped = tiny_batch(seed=3)
+    warped.warp = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).repeat(2, 1, 1)
+    method.iteration.fill_(50)
+    a = method.compute_losses(plain).metrics
+    method_b = make_method(name="mkd", lambda_ss=1.0, feature_aug="isda")
+    method_b.load_state_dict(method.state_dict())
+    b = method_b.compute_losses(warped).metrics
+    for key in ("loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio"):
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
 # ----------------------------------------------------------------------------- ISDA

@@ -143,7 +143,7 @@ def test_ray_data_stream_matches_the_local_loader(ray_cluster, tiny_overrides, p
     local = iter(endless_loader(refs, cfg, False, 8, start_step=2))
     for ray_batch in ray_batches:
         local_batch = next(local)
-        for key in ("weak", "strong", "ignore", "cutmix", "mask"):
+        for key in ("weak", "strong", "ignore", "cutmix", "warp", "mask"):
             assert torch.equal(ray_batch[key], local_batch[key].to(ray_batch[key].dtype)), key
     assert ray_batches[0]["draw"].tolist() == list(range(16, 24))
 

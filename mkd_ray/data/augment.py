@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from mkd_ray.config import AugmentConfig, CutMixConfig
+from mkd_ray.config import AugmentConfig, CutMixConfig, StrongAffineConfig
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -125,6 +125,23 @@ def cutmix_box_mask(height: int, width: int, cfg: CutMixConfig, rng: np.random.G
     return mask
 
 
+IDENTITY_WARP = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+
+
+def strong_affine_theta(cfg: StrongAffineConfig, rng: np.random.Generator) -> np.ndarray:
+    """(2, 3) affine in `torch.nn.functional.affine_grid`'s convention (strong-view coordinates
+    -> weak-view coordinates, both in [-1, 1]): the strong view is the weak one rotated,
+    scaled and shifted; the identity when the draw misses `cfg.prob`."""
+    if rng.random() >= cfg.prob:
+        return IDENTITY_WARP.copy()
+    angle = math.radians(rng.uniform(-cfg.degrees, cfg.degrees))
+    scale = rng.uniform(*cfg.scale)
+    shift = rng.uniform(-cfg.translate, cfg.translate, size=2) * 2  # the crop spans 2 units
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    inverse = np.array([[cos, sin], [-sin, cos]])  # undoes the rotation and the scale
+    return np.concatenate([inverse, -inverse @ shift[:, None]], axis=1).astype(np.float32)
+
+
 def labeled_views(
     image: np.ndarray, mask: np.ndarray, crop: int, cfg: AugmentConfig, rng: np.random.Generator, ignore_index: int = 255
 ) -> dict[str, np.ndarray]:
@@ -143,8 +160,9 @@ def unlabeled_views(
     rng: np.random.Generator,
     ignore_index: int = 255,
 ) -> dict[str, np.ndarray]:
-    """An unlabeled sample: weak view, strong view (same geometry), padding, CutMix box, and
-    the ground truth when the dataset has it (255 otherwise; used only for diagnostics)."""
+    """An unlabeled sample: weak view, strong view (same geometry), padding, CutMix box, the
+    affine `warp` the training step applies to the strong view and its targets, and the
+    ground truth when the dataset has it (255 otherwise; used only for diagnostics)."""
     h, w = image.shape[:2]
     gt = torch.from_numpy(mask) if mask is not None else torch.full((h, w), ignore_index, dtype=torch.uint8)
     inside = torch.zeros((h, w), dtype=torch.uint8)  # becomes ignore_index where padded
@@ -157,6 +175,7 @@ def unlabeled_views(
         "strong": strong.numpy(),
         "ignore": (masks[1] == ignore_index).numpy(),
         "cutmix": cutmix_box_mask(crop, crop, cfg.cutmix, rng),
+        "warp": strong_affine_theta(cfg.strong_affine, rng),  # drawn last: earlier draws keep their values
         "mask": masks[0].numpy(),
     }
 

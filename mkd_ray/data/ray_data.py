@@ -18,7 +18,7 @@ from mkd_ray.config import ExperimentConfig, config_from_dict
 from mkd_ray.data.io import SampleRef
 from mkd_ray.data.torch_data import TrainSet, draw_key, unlabeled_seed
 
-VIEW_COLUMNS = ("weak", "strong", "ignore", "cutmix", "mask", "skipped")
+VIEW_COLUMNS = ("weak", "strong", "ignore", "cutmix", "warp", "mask", "skipped")
 RANGES_PER_BLOCK = 16
 
 

@@ -50,10 +50,12 @@ class Batch:
     """One training step's inputs, already normalised floats on the training device.
 
     x_l, y_l: labeled images (B_l, 3, H, W) and masks (B_l, H, W), 255 = ignore.
-    x_w, x_s: weak and strong views of the unlabeled images (same geometry).
+    x_w, x_s: weak and strong views of the unlabeled images (same geometry until `warp`).
     ignore_u: True where the unlabeled crop is padding.
     cutmix:   True where a pixel of the strong view is pasted from the partner image
               (the next image of the batch, cyclically).
+    warp:     (B_u, 2, 3) affine per image, or None: the strong view is resampled through it
+              before CutMix (see `to_strong_view`), and so are the teachers' targets.
     y_u:      ground truth of the unlabeled images if known (255 elsewhere); used only
               for the pseudo-label accuracy diagnostic.
     """
@@ -65,13 +67,14 @@ class Batch:
     ignore_u: torch.Tensor
     cutmix: torch.Tensor
     y_u: Optional[torch.Tensor] = None
+    warp: Optional[torch.Tensor] = None
 
     @classmethod
     def labeled_only(cls, x_l: torch.Tensor, y_l: torch.Tensor) -> "Batch":
         """For the supervised baseline, which never reads unlabeled images."""
         empty = x_l[:0]
         no_pixels = y_l[:0].bool()
-        return cls(x_l, y_l, empty, empty, no_pixels, no_pixels, None)
+        return cls(x_l, y_l, empty, empty, no_pixels, no_pixels)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {k: (v.to(device, non_blocking=non_blocking) if v is not None else None) for k, v in vars(self).items()}
@@ -89,6 +92,24 @@ def _mix(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     partner = x.roll(1, dims=0)
     m = mask if x.dim() == mask.dim() else mask[:, None]
     return torch.where(m, partner, x)
+
+
+def _warp(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Resample (B, H, W) or (B, C, H, W) through per-image affines; labels, masks and
+    confidences by nearest neighbour, images bilinearly; zero outside the source."""
+    planes = x if x.dim() == 4 else x[:, None]
+    grid = nn.functional.affine_grid(theta.to(torch.float32), list(planes.shape), align_corners=False)
+    mode = "bilinear" if x.dim() == 4 else "nearest"
+    out = nn.functional.grid_sample(planes.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.to(x.dtype) if x.dim() == 4 else out[:, 0].to(x.dtype)
+
+
+def to_strong_view(batch: "Batch", x: torch.Tensor) -> torch.Tensor:
+    """Weak-view geometry -> the student's strong view: the per-image warp, then CutMix.
+    A pixel warped in from outside the image reads zero (False for masks)."""
+    if batch.warp is not None:
+        x = _warp(batch.warp, x)
+    return _mix(batch.cutmix, x)
 
 
 class MutualKD(nn.Module):
@@ -156,8 +177,8 @@ class MutualKD(nn.Module):
         cfg, ignore = self.cfg, self.ignore_index
         n_l = batch.x_l.shape[0]
         if self.uses_unlabeled:
-            x_mix = _mix(batch.cutmix, batch.x_s)
-            valid_u = ~_mix(batch.cutmix, batch.ignore_u)
+            x_mix = to_strong_view(batch, batch.x_s)
+            valid_u = to_strong_view(batch, ~batch.ignore_u)
         lam = self.isda_strength()
         fp = cfg.fp_dropout if cfg.feature_aug == "dropout" else 0.0
 
@@ -232,7 +253,8 @@ class MutualKD(nn.Module):
 
     @torch.no_grad()
     def _teacher_targets(self, t: int, batch: Batch, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher t's (confidence, label) on the distilled images, CutMix-mixed on the unlabeled part."""
+        """Teacher t's (confidence, label) on the distilled images, in the strong view's geometry
+        (warped, CutMix-mixed) on the unlabeled part."""
         teacher = self.teachers[t]
         inputs = torch.cat([batch.x_l, batch.x_w]) if self.cfg.distill_labeled else batch.x_w
         out = teacher(inputs)
@@ -249,10 +271,10 @@ class MutualKD(nn.Module):
         conf, label = pseudo_labels(z)
         if self.cfg.distill_labeled:
             n_l = batch.x_l.shape[0]
-            conf = torch.cat([conf[:n_l], _mix(batch.cutmix, conf[n_l:])])
-            label = torch.cat([label[:n_l], _mix(batch.cutmix, label[n_l:])])
+            conf = torch.cat([conf[:n_l], to_strong_view(batch, conf[n_l:])])
+            label = torch.cat([label[:n_l], to_strong_view(batch, label[n_l:])])
         else:
-            conf, label = _mix(batch.cutmix, conf), _mix(batch.cutmix, label)
+            conf, label = to_strong_view(batch, conf), to_strong_view(batch, label)
         return conf, label
 
     def _teacher_ignore(self, batch: Batch, own: torch.Tensor) -> torch.Tensor:
@@ -288,7 +310,7 @@ class MutualKD(nn.Module):
         ratio = sum(k.sum() for k in keeps) / (valid_d.sum().clamp(min=1) * len(keeps))
         out = {"mask_ratio": ratio}
         if batch.y_u is not None:
-            y_u = _mix(batch.cutmix, batch.y_u)
+            y_u = to_strong_view(batch, batch.y_u)
             if self.cfg.distill_labeled:
                 y_u = torch.cat([batch.y_l, y_u])
             known = valid_d & (y_u != self.ignore_index)
