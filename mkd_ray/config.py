@@ -62,6 +62,9 @@ class DataConfig:
     labeled_batch_size: int = field(default=8, metadata=_range(1))
     unlabeled_batch_size: int = field(default=8, metadata=_range(1))
     val_batch_size: int = field(default=16, metadata=_range(1))
+    # Processes that decode and augment the labeled batches beside each Ray training worker,
+    # so the step does not wait for them (0: in the training process; `--local` always is).
+    labeled_workers: int = field(default=1, metadata=_range(0, 16))
     # Per-channel normalisation of images scaled to [0, 1] (ImageNet by default).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -209,7 +212,8 @@ class ScalingConfig:
     num_workers: int = field(default=1, metadata=_range(0))
     cpus_per_worker: float = field(default=1.0, metadata=_range(0, lo_open=True))
     use_gpu: bool = False
-    # CPUs each Ray Data augmentation task reserves; below 1 lets several trials of a sweep
+    # CPUs each Ray Data augmentation actor reserves (one, and up to one per worker where CPUs
+    # are free); below 1 lets several trials of a sweep
     # share a small machine (their workers must leave this much free, or the stream stalls).
     data_cpus: float = field(default=1.0, metadata=_range(0, lo_open=True))
     # Where Ray places the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them

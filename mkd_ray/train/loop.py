@@ -149,7 +149,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start_step = ckpt.restore(ckpt.load_state(directory), method, optimizer, scheduler, cfg.train)
 
-    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, start_step=start_step, rank=rank))
+    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, workers=cfg.data.labeled_workers,
+                                  start_step=start_step, rank=rank))
     seen_draws: set = set()
     first_draw = start_step * draws_per_step(cfg)
     unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None

@@ -145,7 +145,7 @@ class Plan:
 
 def plan_resources(sweep: Sweep, cluster: dict) -> Plan:
     """Fit whole trials into the cluster: each needs its driver, its training workers and one
-    Ray Data task's CPUs free at once, or its stream (or its worker group) waits forever."""
+    Ray Data actor's CPUs free at once, or its stream (or its worker group) waits forever."""
     s, t = sweep.base.scaling, sweep.tune
     workers = max(s.num_workers, 1)
     need = t.trial_driver_cpus + workers * s.cpus_per_worker + s.data_cpus
