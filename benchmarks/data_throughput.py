@@ -2,7 +2,7 @@
 box, padding mask) against a torch DataLoader running the same transforms with the same
 number of CPU processes, in images/s; and the data-wait share of step time in training.
 
-    .venv/bin/python benchmarks/data_throughput.py [--repeats 3] [--images 2048] [--procs 2] [--smoke]
+    .venv/bin/python benchmarks/data_throughput.py [--repeats 3] [--images 8192] [--procs 2] [--smoke]
 
 Both sides produce the same samples (draw g of the seeded stream; tests/test_ray_train.py
 checks they are equal). Ray Data runs on a local cluster of `--procs` CPUs with a pool of
@@ -47,7 +47,7 @@ def ray_images_per_s(cfg, refs, images: int, procs: int) -> float:
 
 def main() -> None:
     parser = harness_parser(__doc__)
-    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--procs", type=int, default=2)
     args = parser.parse_args()
     import ray

@@ -62,13 +62,15 @@ def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: 
         _ViewMaker,
         batch_size=1,
         batch_format="numpy",
-        # One augmenting actor, and up to one per training worker where CPUs are free (a fixed
-        # pool larger than the free CPUs would never start).
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or data_actors(cfg)),
+        compute=_actor_pool(actors, cfg),
         num_cpus=cfg.scaling.data_cpus,
         fn_constructor_kwargs={"refs": list(refs), "config": cfg.to_dict(), "seed": unlabeled_seed(cfg)},
     )
 
 
-def data_actors(cfg: ExperimentConfig) -> int:
-    return max(cfg.scaling.num_workers, 1)
+def _actor_pool(actors: Optional[int], cfg: ExperimentConfig) -> "ray.data.ActorPoolStrategy":
+    """`actors` augmenting actors if given; else one, and up to one per training worker where
+    CPUs are free (a fixed pool larger than the free CPUs would never start)."""
+    if actors:
+        return ray.data.ActorPoolStrategy(size=actors)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(cfg.scaling.num_workers, 1))
