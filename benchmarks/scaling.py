@@ -5,11 +5,10 @@ per node) against 1 worker on a 1-node cluster of 1 CPU, at the same per-worker 
 
 Each run is `run.py train` on the default synthetic pipeline; its images/s is the rate over
 the last third of the run (the last logging interval), after start-up and the data actors'
-warm-up. Both clusters are
-real `ray start` processes (see mkd_ray/localcluster.py), each node pinned to its own core,
-so a node of 1 CPU has one core for training and Ray Data's decoding together, as a
-one-core machine would. (Unpinned, the one-node run borrows the idle second core for
-decoding and the ratio says nothing about scaling.)
+warm-up. Both clusters are real `ray start` processes (see mkd_ray/localcluster.py), each
+node pinned to its own core, so a node of 1 CPU has one core for training and Ray Data's
+decoding together, as a one-core machine would. (Unpinned, the one-node run borrows the
+idle second core for decoding and the ratio says nothing about scaling.)
 """
 
 from __future__ import annotations
