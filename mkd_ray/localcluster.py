@@ -44,18 +44,22 @@ def local_cluster(nodes: int = 2, cpus_per_node: float = 1, pin_cores: bool = Fa
         raise ValueError(f"cannot pin {nodes} nodes to {len(os.sched_getaffinity(0))} cores")
     cores = sorted(os.sched_getaffinity(0)) if pin_cores else [None] * nodes
     bin_dir = Path(sys.executable).parent
-    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TMPDIR": temp_dir}
+    # One temp dir per node, as on separate machines: nodes that shared one would share the
+    # runtime-env cache, and a node unpacking a job's working_dir replaces the directory a
+    # process of another node is running in. Short paths: Ray's socket paths have a length limit.
+    temp_dirs = [tempfile.mkdtemp(prefix=f"rc{i}", dir="/tmp") for i in range(nodes)]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TMPDIR": temp_dirs[0]}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     start = [str(bin_dir / "ray"), "start", "--num-cpus", f"{cpus_per_node:g}", "--disable-usage-stats"]
     try:
         subprocess.run([*start, "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=true",
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir],
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dirs[0]],
                        check=True, capture_output=True, env=env, timeout=180, preexec_fn=_on_core(cores[0]))
         env["RAY_AUTH_MODE"] = "token"  # the head enables token authentication; every client needs it
         for i in range(1, nodes):
-            subprocess.run([*start, "--address", f"127.0.0.1:{port}", "--node-ip-address", f"127.0.0.{i + 1}"],
+            subprocess.run([*start, "--address", f"127.0.0.1:{port}", "--node-ip-address", f"127.0.0.{i + 1}",
+                            "--temp-dir", temp_dirs[i]],
                            check=True, capture_output=True, env=env, timeout=180, preexec_fn=_on_core(cores[i]))
         yield LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env)
     finally:

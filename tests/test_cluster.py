@@ -112,6 +112,42 @@ def test_submit_names_a_wrong_token_an_unreachable_server_and_a_bad_command(two_
     assert typo.returncode == 2 and "did you mean 'ema_decay'" in typo.stderr  # checked before uploading anything
 
 
+PROBE = """
+import os, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init()
+here = ray.get_runtime_context().get_node_id()
+@ray.remote(num_cpus=0)
+def where_am_i():
+    return os.getcwd()
+for node in ray.nodes():
+    if node["Alive"] and node["NodeID"] != here:  # another node unpacks this job's working_dir
+        ray.get(where_am_i.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], False)).remote())
+print("still in", os.getcwd())
+"""
+
+SUBMIT_PROBE = """
+import sys, time
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+job = client.submit_job(entrypoint="python probe.py", runtime_env={"working_dir": sys.argv[2]})
+while not client.get_job_status(job).is_terminal():
+    time.sleep(0.5)
+print(client.get_job_status(job), client.get_job_logs(job))
+"""
+
+
+@pytest.mark.ray
+def test_a_job_keeps_its_working_dir_when_another_node_unpacks_it(two_nodes, tmp_path):
+    # Nodes on one machine that shared a temp dir would share Ray's runtime-env cache: the
+    # second node's unpacking replaced the directory the job's driver ran in.
+    (tmp_path / "probe.py").write_text(PROBE)
+    proc = subprocess.run([sys.executable, "-c", SUBMIT_PROBE, two_nodes.jobs, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=two_nodes.env)
+    assert proc.returncode == 0 and proc.stdout.startswith("SUCCEEDED") and "still in" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- KubeRay manifests
 
 
