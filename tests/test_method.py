@@ -282,6 +282,20 @@ def test_isda_estimator_matches_batch_statistics():
         assert torch.allclose(stats.var[c], sel.var(0, unbiased=False), atol=1e-5)
 
 
+def test_isda_statistics_skip_non_finite_features():
+    # An fp16 overflow (a step the GradScaler skips) must not poison the running statistics.
+    torch.manual_seed(0)
+    feats, labels = torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)
+    clean, hit = ClassFeatureStats(1, 3), ClassFeatureStats(1, 3)
+    clean.update(feats[..., 1:], labels[..., 1:])
+    overflowed = feats.clone()
+    overflowed[0, 1, :, 0] = float("inf")
+    overflowed[0, 2, 0, 0] = float("nan")
+    hit.update(overflowed, labels)
+    for name in ("mean", "var", "count"):
+        torch.testing.assert_close(getattr(hit, name), getattr(clean, name), msg=name)
+
+
 def test_isda_changes_student_loss_and_keeps_gradients():
     method = make_method(name="mkd", feature_aug="isda", lam_max=2.0, lambda_ss=1.0)
     method.iteration.fill_(100)  # full strength
@@ -317,6 +331,35 @@ def test_train_step_updates_students_not_teachers_by_gradient():
     # poly: after one of 10 steps the lr factor is (1 - 1/10) ** 0.9
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**0.9)
     assert set(out.metrics) >= {"loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "lr"}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_an_overflow_step_the_grad_scaler_skips_changes_nothing(optimizer):
+    # fp16: the GradScaler skips a step whose gradients overflowed. A fused SGD would still
+    # allocate its momentum there without filling it, and the next step would read that memory.
+    from mkd_ray.config import TrainConfig
+
+    def step_with_gradients(opt, scaler, value):
+        for p in opt.param_groups[0]["params"] + opt.param_groups[1]["params"]:
+            p.grad = torch.full_like(p, value * scaler.get_scale())  # as a scaled backward leaves them
+        scaler.step(opt)
+        scaler.update()
+
+    runs = []
+    for first_gradient in (float("inf"), None):
+        torch.manual_seed(0)
+        method = make_method(name="mkd")
+        opt, _ = build_optimizer(method, TrainConfig(iters=10, lr=0.1, optimizer=optimizer, amp="fp16"))
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
+        scaler.scale(torch.ones(()))  # starts the scaler's bookkeeping
+        if first_gradient is not None:
+            before = [p.detach().clone() for p in method.students.parameters()]
+            step_with_gradients(opt, scaler, first_gradient)
+            assert all(torch.equal(b, p) for b, p in zip(before, method.students.parameters()))
+            assert all(state.get("momentum_buffer") is None for state in opt.state.values())
+        step_with_gradients(opt, scaler, 1.0)
+        runs.append([p.detach().clone() for p in method.students.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_restored_optimizer_follows_the_new_configs_learning_rate():

@@ -32,8 +32,12 @@ class ClassFeatureStats(nn.Module):
         labels = labels.reshape(-1)
         num_classes = self.mean.shape[0]
         # Ignored pixels get an all-zero one-hot row rather than being indexed out: boolean
-        # indexing would wait for the device to count them.
-        keep = (labels != ignore_index).to(feats.dtype)[:, None]
+        # indexing would wait for the device to count them. So do non-finite features (an
+        # fp16 overflow, whose step the GradScaler skips): one would poison the statistics
+        # for good.
+        finite = torch.isfinite(feats).all(1, keepdim=True)
+        feats = feats.where(finite, 0.0)
+        keep = ((labels != ignore_index)[:, None] & finite).to(feats.dtype)
         onehot = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).to(feats.dtype) * keep  # (N, C)
         n_new = onehot.sum(0)  # (C,)
         sums = onehot.t() @ feats  # (C, D)
