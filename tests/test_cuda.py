@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import REPO
+from tests.conftest import REPO
 from mkd_ray.config import load_config
 from mkd_ray.engine import build_method, run_evaluation, to_batch, train_local
 from mkd_ray.method import build_optimizer, train_step
