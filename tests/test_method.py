@@ -340,7 +340,7 @@ def test_an_overflow_step_the_grad_scaler_skips_changes_nothing(optimizer):
     from mkd_ray.config import TrainConfig
 
     def step_with_gradients(opt, scaler, value):
-        for p in opt.param_groups[0]["params"] + opt.param_groups[1]["params"]:
+        for p in (p for group in opt.param_groups for p in group["params"]):
             p.grad = torch.full_like(p, value * scaler.get_scale())  # as a scaled backward leaves them
         scaler.step(opt)
         scaler.update()

@@ -31,8 +31,9 @@ def build_optimizer(method: MutualKD, cfg: TrainConfig) -> tuple[torch.optim.Opt
     # Fused kernels (CPU and CUDA): by default torch loops over the parameters on CPU, which
     # cost a fifth of an MKD step here; fused AdamW is about 6x faster than that loop.
     if cfg.optimizer == "sgd":
-        # Except fused SGD under a GradScaler (fp16): it advances its momentum on the overflow
-        # steps the scaler skips (torch 2.11-2.14), so one early overflow turns every weight NaN.
+        # Except fused SGD under a GradScaler (fp16): on an overflow step the scaler skips it
+        # still creates its momentum buffer, unfilled (torch 2.11-2.14), and the next step
+        # reads that memory: an early overflow turned every weight NaN.
         fused = cfg.amp != "fp16"
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                     fused=fused, foreach=not fused)
