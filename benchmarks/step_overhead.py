@@ -24,12 +24,11 @@ WARMUP = 5
 def _batches(cfg, count: int) -> list:
     """`count` training batches of the default pipeline, decoded and augmented once."""
     from mkd_ray.data.sources import ensure_synthetic, resolve_data
-    from mkd_ray.data.torch_data import endless_loader
+    from mkd_ray.data.torch_data import training_streams
 
     ensure_synthetic(cfg)
     data = resolve_data(cfg)
-    labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size))
-    unlabeled = iter(endless_loader(data.unlabeled, cfg, False, cfg.data.unlabeled_batch_size))
+    labeled, unlabeled = training_streams(data.labeled, data.unlabeled, cfg)
     return [(next(labeled), next(unlabeled)) for _ in range(count)]
 
 

@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import REPO
 from mkd_ray.config import load_config
-from mkd_ray.engine import build_method, run_evaluation, to_batch, train_local
+from mkd_ray.engine import build_method, distributed_student, run_evaluation, to_batch, train_local
 from mkd_ray.method import build_optimizer, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -27,12 +26,11 @@ def _config(overrides, *extra):
 def _one_batch(cfg):
     """One labeled and one unlabeled batch, decoded and augmented on the CPU as training does."""
     from mkd_ray.data.sources import resolve_data
-    from mkd_ray.data.torch_data import endless_loader
+    from mkd_ray.data.torch_data import training_streams
 
     data = resolve_data(cfg)
-    labeled = next(iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size)))
-    unlabeled = next(iter(endless_loader(data.unlabeled, cfg, False, cfg.data.unlabeled_batch_size)))
-    return labeled, unlabeled
+    labeled, unlabeled = training_streams(data.labeled, data.unlabeled, cfg)
+    return next(labeled), next(unlabeled)
 
 
 @pytest.fixture
@@ -80,14 +78,14 @@ def test_a_cuda_step_computes_the_cpu_step_losses_and_gradients(tiny_overrides, 
 
 def test_nccl_ddp_training_with_fp16_and_a_gpu_reduction(tiny_overrides, tmp_path):
     """The distributed loop's GPU settings in one process: students under DDP with NCCL
-    (device_ids as the Ray loop passes them), fp16 autocast with a GradScaler, and an
+    (wrapped as the Ray loop wraps them), fp16 autocast with a GradScaler, and an
     all-reduce of a CUDA tensor, which NCCL requires."""
     cfg = _config(tiny_overrides, "train.amp=fp16", "scaling.use_gpu=true")
     labeled, unlabeled = _one_batch(cfg)
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         method = build_method(cfg).to(CUDA)
-        method.wrap_students(lambda student: DistributedDataParallel(student, device_ids=[CUDA.index or 0]))
+        method.wrap_students(lambda student: distributed_student(student, CUDA))
         method.train()
         optimizer, scheduler = build_optimizer(method, cfg.train)
         scaler = torch.amp.GradScaler()

@@ -18,13 +18,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig, config_from_dict
 from mkd_ray.data.io import voc_palette
 from mkd_ray.data.torch_data import endless_loader, eval_batches
-from mkd_ray.engine import ProgressMeter, TrainingDiverged, build_method, is_report_step, run_evaluation, to_batch
+from mkd_ray.engine import (ProgressMeter, TrainingDiverged, build_method, distributed_student, is_report_step,
+                            run_evaluation, to_batch)
 from mkd_ray.method import build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.tracking import RunLogger, iou_table, overlay_grid
@@ -131,8 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     method = build_method(cfg).to(device)
     method.train()
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        method.wrap_students(lambda student: DistributedDataParallel(student, device_ids=ids))
+        method.wrap_students(lambda student: distributed_student(student, device))
     optimizer, scheduler = build_optimizer(method, cfg.train)
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
     topology = _topology(context, world)
