@@ -83,9 +83,10 @@ def _topology(context, world: int) -> list[dict]:
 def _broadcast_buffers(method, world: int) -> None:
     """Give every rank rank 0's BatchNorm statistics (students and teachers).
 
-    DDP broadcasts buffers before each forward, but the forward then updates them with the
-    rank's own batch, so ranks end a step with slightly different running statistics (and
-    teachers average them). Evaluation and checkpoints use rank 0's, on every rank.
+    Each rank's forward updates the running statistics with its own batch (DDP does not
+    broadcast them before each forward: see engine.distributed_student), so ranks drift
+    apart slightly between reports, and so do the teachers that average them. Evaluation
+    and checkpoints use rank 0's, on every rank.
     """
     if world == 1:
         return
