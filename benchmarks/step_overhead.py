@@ -1,11 +1,13 @@
 """step_overhead: MKD iterations/s inside a Ray Train worker (1 worker) divided by the same
 step function in this process, on the same in-memory batches with the same threads.
 
-    .venv/bin/python benchmarks/step_overhead.py [--repeats 3] [--steps 60] [--smoke]
+    .venv/bin/python benchmarks/step_overhead.py [--repeats 3] [--steps 60] [--threads 1] [--smoke]
 
 What it isolates is Ray Train's share of a step (the worker process, its session and a
 `ray.train.report` every `train.log_interval` steps, as the real loop does); data loading is
-out of the picture because both sides cycle the same pre-built batches.
+out of the picture because both sides cycle the same pre-built batches. The default thread
+count is the default pipeline's (a 1-CPU worker runs 1 torch thread); with as many threads
+as cores, Ray's own processes preempt a compute thread and the other waits for it.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def on_ray_train(cfg, batches: list, steps: int, threads: int) -> float:
 def main() -> None:
     parser = harness_parser(__doc__)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2)
+    # The default pipeline's worker has 1 CPU, so Ray sets OMP_NUM_THREADS=1 and torch runs 1 thread.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     from mkd_ray.config import load_config
     from mkd_ray.train.trainer import connect
