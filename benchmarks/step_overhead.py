@@ -7,7 +7,8 @@ What it isolates is Ray Train's share of a step (the worker process, its session
 `ray.train.report` every `train.log_interval` steps, as the real loop does); data loading is
 out of the picture because both sides cycle the same pre-built batches. The default thread
 count is the default pipeline's (a 1-CPU worker runs 1 torch thread); with as many threads
-as cores, Ray's own processes preempt a compute thread and the other waits for it.
+as cores the ratio is lower, most likely because Ray's own processes preempt one compute
+thread and the other then waits for it (see the README).
 """
 
 from __future__ import annotations

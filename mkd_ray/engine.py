@@ -50,6 +50,9 @@ def build_method(cfg: ExperimentConfig) -> MutualKD:
     return MutualKD(cfg.method, make_model, cfg.data.num_classes, cfg.train.iters, cfg.data.ignore_index)
 
 
+_DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
 def distributed_student(student: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """A student under DDP, set up for the cost of a step: gradients live in DDP's buckets
     (no copy in and out), and BatchNorm statistics are not broadcast before every forward.
@@ -63,8 +66,6 @@ def distributed_student(student: torch.nn.Module, device: torch.device) -> Distr
     device_ids = [device.index or 0] if device.type == "cuda" else None
     return DistributedDataParallel(student, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
 
-
-_DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def is_report_step(step: int, cfg: ExperimentConfig) -> bool:
