@@ -67,7 +67,6 @@ def distributed_student(student: torch.nn.Module, device: torch.device) -> Distr
     return DistributedDataParallel(student, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
 
 
-
 def is_report_step(step: int, cfg: ExperimentConfig) -> bool:
     """Steps that log, evaluate or checkpoint: the only ones that read values off the device."""
     t = cfg.train
