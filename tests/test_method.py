@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from mkd_ray.config import MethodConfig
 from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
 from mkd_ray.method.ema import ema_decay_at, ema_update
-from mkd_ray.method.isda import ClassFeatureStats, augment_logits
-from mkd_ray.method.losses import cosine_rampup, masked_cross_entropy, pseudo_labels, sigmoid_rampup
+from mkd_ray.method.isda import ClassFeatureStats, augment_logits, nearest_resize
+from mkd_ray.method.losses import class_max, cosine_rampup, masked_cross_entropy, pseudo_labels, sigmoid_rampup
 from mkd_ray.method.mkd import _mix, to_strong_view
 from mkd_ray.method.selection import KnowledgeSelector
 from tests.conftest import TinySeg
@@ -58,6 +58,17 @@ def test_masked_cross_entropy_normalisers():
     assert masked_cross_entropy(logits, target, keep, valid, "valid").item() == pytest.approx(ce0 / 2)
     nothing = torch.zeros_like(keep)
     assert masked_cross_entropy(logits, target, nothing, valid, "passed").item() == 0.0
+
+
+def test_class_max_matches_torch_max_with_ties():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 7, 5, 4)
+    scores[0, 2] = scores[0, 5] = 9.0  # a tie: the first class wins, as in torch.max
+    scores[1, :, 0, 0] = 0.0  # all equal
+    for x in (scores, scores.round(), scores[:, :, 0]):
+        values, indices = class_max(x)
+        expected = x.max(dim=1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
 
 
 def test_pseudo_labels_and_threshold_mask():
@@ -280,6 +291,14 @@ def test_isda_estimator_matches_batch_statistics():
         assert stats.count[c].item() == len(sel)
         assert torch.allclose(stats.mean[c], sel.mean(0), atol=1e-5)
         assert torch.allclose(stats.var[c], sel.var(0, unbiased=False), atol=1e-5)
+
+
+def test_isda_label_resize_matches_interpolate():
+    # The strided shortcut must pick the pixels F.interpolate's nearest mode picks.
+    labels = torch.randint(0, 5, (2, 32, 24))
+    for size in [(8, 6), (16, 12), (32, 24), (10, 7)]:
+        expected = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        assert torch.equal(nearest_resize(labels, size), expected), size
 
 
 def test_isda_statistics_skip_non_finite_features():

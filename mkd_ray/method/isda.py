@@ -24,24 +24,21 @@ class ClassFeatureStats(nn.Module):
         self.register_buffer("count", torch.zeros(num_classes))
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> None:
-        """features (B, D, h, w), labels (B, H, W) at any resolution (resized by nearest)."""
-        if labels.shape[-2:] != features.shape[-2:]:
-            labels = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long()
-        feats = features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-        labels = labels.reshape(-1)
-        num_classes = self.mean.shape[0]
-        # Ignored pixels get an all-zero one-hot row rather than being indexed out: boolean
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """features (B, D, h, w), labels (B, H, W) at any resolution (resized by nearest);
+        labels outside 0..C-1 (the ignore index) are left out."""
+        dim = features.shape[1]
+        labels = nearest_resize(labels, features.shape[-2:]).reshape(-1)
+        feats = features.detach().float().permute(0, 2, 3, 1).reshape(-1, dim)
+        # Left-out pixels get an all-zero one-hot row rather than being indexed out: boolean
         # indexing would wait for the device to count them. So do non-finite features (an
         # fp16 overflow, whose step the GradScaler skips): one would poison the statistics
         # for good.
-        finite = torch.isfinite(feats).all(1, keepdim=True)
+        finite = torch.isfinite(feats.sum(1, keepdim=True))  # as .all(1) of isfinite, and 15x faster on CPU
         feats = feats.where(finite, 0.0)
-        keep = ((labels != ignore_index)[:, None] & finite).to(feats.dtype)
-        onehot = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).to(feats.dtype) * keep  # (N, C)
+        onehot = (class_one_hot(labels, self.mean.shape[0]) & finite).to(feats.dtype)  # (N, C)
         n_new = onehot.sum(0)  # (C,)
-        sums = onehot.t() @ feats  # (C, D)
-        sq_sums = onehot.t() @ (feats * feats)
+        sums, sq_sums = (onehot.t() @ torch.cat([feats, feats * feats], 1)).split(dim, 1)  # (C, D) each
         safe = n_new.clamp(min=1)[:, None]
         batch_mean = sums / safe
         batch_var = sq_sums / safe - batch_mean**2
@@ -59,11 +56,25 @@ class ClassFeatureStats(nn.Module):
         return 0.5 * lam * (diff**2 * self.var[:, None, :]).sum(-1)
 
 
-def augment_logits(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Add the row offsets[y] to the logits of every pixel labelled y; ignored pixels unchanged."""
+def augment_logits(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Add the row offsets[y] to the logits of every pixel labelled y; pixels labelled
+    outside 0..C-1 (the ignore index) unchanged."""
     # A one-hot product rather than offsets[labels]: same rows, and its backward is a matmul
-    # instead of a scatter, about 3x faster on CPU. Ignored pixels get a zero row.
-    num_classes = offsets.shape[0]
-    onehot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).to(offsets.dtype)
-    onehot = onehot * (labels != ignore_index)[..., None].to(offsets.dtype)  # (B, H, W, C)
+    # instead of a scatter, about 3x faster on CPU.
+    onehot = class_one_hot(labels, offsets.shape[0]).to(offsets.dtype)  # (B, H, W, C)
     return logits + torch.einsum("bhwy,yj->bjhw", onehot, offsets).to(logits.dtype)
+
+
+def class_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean one-hot (..., C); a label outside 0..C-1 gets an all-False row. Two tensor
+    ops where F.one_hot needs a clamp and a mask to treat the ignore index."""
+    return labels[..., None] == torch.arange(num_classes, device=labels.device)
+
+
+def nearest_resize(labels: torch.Tensor, size) -> torch.Tensor:
+    """(B, H, W) labels resized by nearest neighbour. For a whole-number ratio that is every
+    k-th pixel, which is what F.interpolate's nearest mode picks, without a float round trip."""
+    (h, w), (out_h, out_w) = labels.shape[-2:], size
+    if h % out_h == 0 and w % out_w == 0:
+        return labels[:, :: h // out_h, :: w // out_w]
+    return F.interpolate(labels[:, None].float(), size=(out_h, out_w), mode="nearest")[:, 0].long()

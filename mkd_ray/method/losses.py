@@ -10,14 +10,26 @@ import torch.nn.functional as F
 
 def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, label) per pixel: max softmax and argmax over the class dimension."""
-    conf, label = logits.detach().float().softmax(dim=1).max(dim=1)
-    return conf, label
+    return class_max(logits.detach().float().softmax(dim=1))
 
 
 def class_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Argmax over the class dimension; `max(1)` gives the same index (the first maximum)
-    and on CPU is about 10x faster than `argmax(1)` over a channel dimension."""
-    return logits.max(dim=1).indices
+    return class_max(logits)[1]
+
+
+def class_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, first index of the max) over the class dimension 1, as `scores.max(1)` gives.
+
+    On CPU a reduction over the channel dimension with indices is slow (`max(1)` about 2x
+    and `argmax(1)` about 15x slower than this), while `amax` is fast: so take the max, then
+    the first class that reaches it, by weighting each match with (C - class) and taking
+    the largest weight. A pixel with no match (NaN scores) gets the last class.
+    """
+    num_classes = scores.shape[1]
+    top = scores.amax(dim=1, keepdim=True)
+    first_wins = torch.arange(num_classes, 0, -1, dtype=torch.int32, device=scores.device)
+    weight = ((scores == top) * first_wins.view(1, -1, *[1] * (scores.dim() - 2))).amax(dim=1)
+    return top.squeeze(1), (num_classes - weight).long().clamp(max=num_classes - 1)
 
 
 def masked_cross_entropy(

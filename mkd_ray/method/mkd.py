@@ -210,18 +210,22 @@ class MutualKD(nn.Module):
             z = out["logits"]
             if self.use_isda:
                 isda_target = self._isda_target(i, batch.y_l, outs, st_targets, valid_all, n_l)
-                self.feature_stats[i].update(out["features"], self._own_labels(batch.y_l, z, valid_all, n_l), ignore)
+                self.feature_stats[i].update(out["features"], self._own_labels(batch.y_l, z, valid_all, n_l))
                 offsets = self.feature_stats[i].logit_offsets(self.students[i].classifier.weight, lam)
-                z = augment_logits(z, isda_target, offsets, ignore)
+                z = augment_logits(z, isda_target, offsets)
             logits.append(z)
 
-        log_probs = [z.float().log_softmax(dim=1) for z in logits]  # one per network, shared by its terms
+        # One log-softmax per network, shared by its terms, and split once: the backward of a
+        # split is one concatenation, where a slice per term would each fill a full-batch zero.
+        log_probs = [z.float().log_softmax(dim=1) for z in logits]
+        labeled_lp, unlabeled_lp = zip(*(lp.split([n_l, lp.shape[0] - n_l]) for lp in log_probs))
+        distill_lp = log_probs if cfg.distill_labeled else unlabeled_lp
         zero = batch.x_l.new_zeros(())
-        loss_sup = sum((supervised_nll(lp[:n_l], batch.y_l, ignore) for lp in log_probs), zero)
+        loss_sup = sum((supervised_nll(lp, batch.y_l, ignore) for lp in labeled_lp), zero)
 
         loss_st = zero
         for i, (target, keep) in enumerate(zip(st_targets, st_keep)):
-            term = masked_nll(log_probs[i][distill], target, keep, valid_d, cfg.loss_norm)
+            term = masked_nll(distill_lp[i], target, keep, valid_d, cfg.loss_norm)
             if fp:
                 fp_term = masked_cross_entropy(outs[i]["logits_fp"][distill], target, keep, valid_d, cfg.loss_norm)
                 term = 0.5 * (term + fp_term)
@@ -232,7 +236,7 @@ class MutualKD(nn.Module):
             for i in range(2):
                 conf, label = pseudo_labels(logits[1 - i][distill])
                 keep = valid_d & (conf >= cfg.tau_s)
-                loss_ss = loss_ss + masked_nll(log_probs[i][distill], label, keep, valid_d, cfg.loss_norm)
+                loss_ss = loss_ss + masked_nll(distill_lp[i], label, keep, valid_d, cfg.loss_norm)
                 ss_ratio = ss_ratio + keep.sum() / valid_d.sum().clamp(min=1) / 2
 
         ramp = self.unsup_weight()
@@ -266,8 +270,8 @@ class MutualKD(nn.Module):
                 n_l = batch.x_l.shape[0]
                 own = torch.cat([batch.y_l, own[n_l:]])
             own_valid = own.masked_fill(self._teacher_ignore(batch, own), self.ignore_index)
-            stats.update(out["features"], own_valid, self.ignore_index)
-            z = augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam), self.ignore_index)
+            stats.update(out["features"], own_valid)
+            z = augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
         conf, label = pseudo_labels(z)
         if self.cfg.distill_labeled:
             n_l = batch.x_l.shape[0]
