@@ -59,7 +59,7 @@ def measure(cfg, batch, iters: int) -> dict:
 
     def teacher_part(i):
         def run():
-            with torch.no_grad():
+            with torch.inference_mode():  # as the step runs its teachers
                 method.teachers[i](batch.x_w)
         return run
 
@@ -94,7 +94,8 @@ def naive_step(method, optimizer, batch) -> None:
 
     method.update_teachers()
     x_mix = _mix(batch.cutmix, batch.x_s)
-    targets = [method._teacher_targets(t, batch, 0.0) for t in range(2)]
+    with torch.no_grad():
+        targets = [method._teacher_targets(t, batch, 0.0) for t in range(2)]
     loss = batch.x_l.new_zeros(())
     for i, student in enumerate(method.students):
         loss = loss + F.cross_entropy(student(batch.x_l)["logits"], batch.y_l, ignore_index=255)

@@ -183,7 +183,13 @@ class MutualKD(nn.Module):
         fp = cfg.fp_dropout if cfg.feature_aug == "dropout" else 0.0
 
         # Teachers (no gradient): pseudo-labels on the weak view, mixed with the same boxes.
-        teacher_targets = [self._teacher_targets(i, batch, lam) for i in range(len(self.teachers))]
+        # Under inference mode (no autograd bookkeeping at all); the targets are cloned out of
+        # it because the losses save them for backward, which inference tensors may not be.
+        teacher_targets = []
+        for i in range(len(self.teachers)):
+            with torch.inference_mode():
+                conf, label = self._teacher_targets(i, batch, lam)
+            teacher_targets.append((conf.clone(), label.clone()))
 
         # Students: one forward each over labeled + mixed strong images.
         inputs = torch.cat([batch.x_l, x_mix]) if self.uses_unlabeled else batch.x_l
@@ -255,10 +261,9 @@ class MutualKD(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    @torch.no_grad()
     def _teacher_targets(self, t: int, batch: Batch, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher t's (confidence, label) on the distilled images, in the strong view's geometry
-        (warped, CutMix-mixed) on the unlabeled part."""
+        (warped, CutMix-mixed) on the unlabeled part. Called under inference mode."""
         teacher = self.teachers[t]
         inputs = torch.cat([batch.x_l, batch.x_w]) if self.cfg.distill_labeled else batch.x_w
         out = teacher(inputs)
