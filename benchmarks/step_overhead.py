@@ -40,13 +40,13 @@ def iterations_per_s(cfg_tree: dict, batches: list, steps: int, threads: int, re
     import torch
 
     from mkd_ray.config import config_from_dict
-    from mkd_ray.engine import build_method, to_batch
+    from mkd_ray.engine import build_method, configure_threads, to_batch
     from mkd_ray.method import build_optimizer, train_step
 
-    torch.set_num_threads(threads)
-    cfg = config_from_dict(cfg_tree)
+    cfg = config_from_dict({**cfg_tree, "train": {**cfg_tree["train"], "threads": threads}})
     method = build_method(cfg)
     method.train()
+    configure_threads(cfg, method, torch.device("cpu"))  # as the training loop does
     optimizer, scheduler = build_optimizer(method, cfg.train)
     prepared = [to_batch(l, u, cfg, torch.device("cpu")) for l, u in batches]
     report = None

@@ -188,6 +188,10 @@ class TrainConfig:
     channels_last: bool = False
     # Torch intra-op threads in the training process (0 = torch's default).
     threads: int = field(default=0, metadata=_range(0))
+    # On a CPU with 2+ threads, run the two branches (teacher i and student i forward, then
+    # student i's backward) side by side on half the threads each: small kernels use one
+    # thread far better than two. Ignored on GPU and for one-student methods.
+    parallel_branches: bool = True
 
     @property
     def last_step(self) -> int:

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mkd_ray import checkpoint as ckpt
@@ -53,7 +54,27 @@ def build_method(cfg: ExperimentConfig) -> MutualKD:
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-def distributed_student(student: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+def configure_threads(cfg: ExperimentConfig, method: MutualKD, device: torch.device) -> None:
+    """Torch threads for this training process (`train.threads`, else torch's default), and
+    whether the two branches of a step run side by side (`train.parallel_branches`)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    threads = torch.get_num_threads()
+    if cfg.train.parallel_branches and device.type == "cpu" and len(method.students) == 2 and threads >= 2:
+        method.branches.parallel(threads // 2)
+
+
+def distribute_students(method: MutualKD, device: torch.device) -> None:
+    """Wrap each student in DDP. Students whose backwards run side by side (see
+    `configure_threads`) each all-reduce in a process group of their own: on one group, ranks
+    could issue the two students' collectives in different orders. Every rank decides alike
+    (same config, same CPUs per worker), as `new_group` must be called on all of them."""
+    groups = iter([dist.new_group() if method.branches.is_parallel else None for _ in method.students])
+    method.wrap_students(lambda student: distributed_student(student, device, next(groups)))
+
+
+def distributed_student(student: torch.nn.Module, device: torch.device,
+                        process_group: Optional[dist.ProcessGroup] = None) -> DistributedDataParallel:
     """A student under DDP, set up for the cost of a step: gradients live in DDP's buckets
     (no copy in and out), and BatchNorm statistics are not broadcast before every forward.
     In training mode BatchNorm normalises by the batch, so only the running statistics drift
@@ -64,7 +85,8 @@ def distributed_student(student: torch.nn.Module, device: torch.device) -> Distr
     no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
                        else {"broadcast_buffers": False})
     device_ids = [device.index or 0] if device.type == "cuda" else None
-    return DistributedDataParallel(student, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
+    return DistributedDataParallel(student, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   process_group=process_group, **no_forward_sync)
 
 
 def is_report_step(step: int, cfg: ExperimentConfig) -> bool:
@@ -193,13 +215,12 @@ def train_local(
     and at the end, and a run started again on the same directory resumes from it
     (`train.stop_at` ends an invocation early, as an interruption would).
     """
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     ensure_synthetic(cfg, log)
     data = data or checked_data(cfg, log)
     device = resolve_device(cfg)
     method = build_method(cfg).to(device)
+    configure_threads(cfg, method, device)
     if cfg.train.channels_last:
         method.to(memory_format=torch.channels_last)
     method.train()

@@ -352,6 +352,36 @@ def test_train_step_updates_students_not_teachers_by_gradient():
     assert set(out.metrics) >= {"loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "lr"}
 
 
+@pytest.mark.parametrize("name,amp", [("mkd", "off"), ("cps", "off"), ("mkd", "bf16")])
+def test_branches_side_by_side_train_exactly_as_in_turn(name, amp):
+    # At one torch thread per branch, side by side runs the very ops of one-at-a-time on one
+    # thread, so any difference is a bug: grad mode or autocast lost in a worker thread, or a
+    # gradient that crossed branches. bf16 checks that autocast reaches the workers.
+    from mkd_ray.config import TrainConfig
+
+    def trained(side_by_side: bool):
+        torch.manual_seed(0)
+        method = make_method(name=name, feature_aug="isda", lambda_ss=1.0, tau_t=0.4, tau_s=0.4)
+        if side_by_side:
+            method.branches.parallel(1)
+        method.train()
+        optimizer, scheduler = build_optimizer(method, TrainConfig(iters=10, lr=0.5))
+        outs = [train_step(method, optimizer, scheduler, tiny_batch(seed=seed), amp) for seed in range(4)]
+        return method.state_dict(), outs[-1]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (in_turn, out_a), (side_by_side, out_b) = trained(False), trained(True)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(out_a.backward_parts) == 1 and len(out_b.backward_parts) == 2
+    assert out_b.metrics["loss_ss"] > 0 and (name == "cps" or out_b.metrics["loss_st"] > 0)
+    assert in_turn.keys() == side_by_side.keys()
+    assert all(torch.equal(in_turn[k], side_by_side[k]) for k in in_turn), "the branches diverged"
+    assert torch.equal(out_a.loss, out_b.loss)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_an_overflow_step_the_grad_scaler_skips_changes_nothing(optimizer):
     # fp16: the GradScaler skips a step whose gradients overflowed. A fused SGD would still

@@ -90,6 +90,22 @@ def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_clus
     assert sorted(p.stem for p in predictions.glob("*.png")) == sorted(r.name for r in val)
 
 
+def test_two_workers_with_branches_side_by_side_train_exactly_as_in_turn(ray_cluster, tiny_overrides, tmp_path,
+                                                                          mlflow_uri):
+    # At 2 torch threads a worker runs its two branches side by side, one thread each, and each
+    # student all-reduces in a process group of its own. At 1 thread the same ops run in turn
+    # on the default group: the weights must come out bitwise the same, and equal across ranks.
+    weights = {}
+    for threads in (1, 2):
+        cfg = _cfg(tiny_overrides, "scaling.num_workers=2", f"train.threads={threads}")
+        result, run_id = fit(cfg, name=f"threads{threads}", storage_path=tmp_path, experiment="branches")
+        assert result.metrics["ddp/max_param_diff"] == 0.0
+        ranks = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/topology.json"))
+        assert [(r["torch_threads"], r["branches_side_by_side"]) for r in ranks] == [(1, threads == 2)] * 2
+        weights[threads] = ckpt.load_state(result.checkpoint.path)["method"]
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
+
+
 def _check_mlflow_run(run_id, metrics):
     client = MlflowClient()
     runs = mlflow.search_runs(experiment_names=["ddp-test"], output_format="list")

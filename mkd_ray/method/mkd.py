@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mkd_ray.config import MethodConfig
+from mkd_ray.method.branches import BranchRunner
 from mkd_ray.method.ema import ema_decay_at, ema_update
 from mkd_ray.method.isda import ClassFeatureStats, augment_logits
 from mkd_ray.method.losses import (
@@ -85,6 +86,8 @@ class Batch:
 class StepOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]  # detached scalars; .item() only when logging
+    # What to back-propagate: the loss, or its per-student parts when the branches run side by side.
+    backward_parts: list[torch.Tensor]
 
 
 def _mix(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +142,7 @@ class MutualKD(nn.Module):
         )
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._student_calls: list[nn.Module] = list(self.students)
+        self.branches = BranchRunner()  # one after the other until `branches.parallel(...)`
         # The supervised baseline never looks at unlabeled images.
         self.uses_unlabeled = n_students + n_teachers > 1
 
@@ -182,18 +186,21 @@ class MutualKD(nn.Module):
         lam = self.isda_strength()
         fp = cfg.fp_dropout if cfg.feature_aug == "dropout" else 0.0
 
-        # Teachers (no gradient): pseudo-labels on the weak view, mixed with the same boxes.
-        # Under inference mode (no autograd bookkeeping at all); the targets are cloned out of
-        # it because the losses save them for backward, which inference tensors may not be.
-        teacher_targets = []
-        for i in range(len(self.teachers)):
-            with torch.inference_mode():
-                conf, label = self._teacher_targets(i, batch, lam)
-            teacher_targets.append((conf.clone(), label.clone()))
-
-        # Students: one forward each over labeled + mixed strong images.
+        # Branch i: teacher i's pseudo-labels on the weak view (mixed with the same boxes), then
+        # student i's one forward over labeled + mixed strong images. The branches may run side
+        # by side (see branches.py). The teachers run under inference mode (no autograd
+        # bookkeeping); their targets are cloned out of it, as the losses save them for backward.
         inputs = torch.cat([batch.x_l, x_mix]) if self.uses_unlabeled else batch.x_l
-        outs = [call(inputs, fp_dropout=fp) for call in self._student_calls]
+
+        def forward_branch(i: int):
+            target = None
+            if i < len(self.teachers):
+                with torch.inference_mode():
+                    conf, label = self._teacher_targets(i, batch, lam)
+                target = (conf.clone(), label.clone())
+            return target, self._student_calls[i](inputs, fp_dropout=fp)
+
+        teacher_targets, outs = zip(*self.branches.map(forward_branch, range(len(self.students))))
         valid_all = torch.cat([batch.y_l != ignore, valid_u]) if self.uses_unlabeled else batch.y_l != ignore
         # Pixels the distillation terms cover: the unlabeled part, or every image (reference).
         distill = slice(0, None) if cfg.distill_labeled else slice(n_l, None)
@@ -227,26 +234,30 @@ class MutualKD(nn.Module):
         labeled_lp, unlabeled_lp = zip(*(lp.split([n_l, lp.shape[0] - n_l]) for lp in log_probs))
         distill_lp = log_probs if cfg.distill_labeled else unlabeled_lp
         zero = batch.x_l.new_zeros(())
-        loss_sup = sum((supervised_nll(lp, batch.y_l, ignore) for lp in labeled_lp), zero)
+        loss_sup = [supervised_nll(lp, batch.y_l, ignore) for lp in labeled_lp]
 
-        loss_st = zero
+        loss_st = [zero] * len(self.students)
         for i, (target, keep) in enumerate(zip(st_targets, st_keep)):
-            term = masked_nll(distill_lp[i], target, keep, valid_d, cfg.loss_norm)
+            loss_st[i] = masked_nll(distill_lp[i], target, keep, valid_d, cfg.loss_norm)
             if fp:
                 fp_term = masked_cross_entropy(outs[i]["logits_fp"][distill], target, keep, valid_d, cfg.loss_norm)
-                term = 0.5 * (term + fp_term)
-            loss_st = loss_st + term
+                loss_st[i] = 0.5 * (loss_st[i] + fp_term)
 
-        loss_ss, ss_ratio = zero, zero
+        loss_ss, ss_ratio = [zero] * len(self.students), zero
         if len(self.students) == 2 and cfg.lambda_ss > 0:
             for i in range(2):
                 conf, label = pseudo_labels(logits[1 - i][distill])
                 keep = valid_d & (conf >= cfg.tau_s)
-                loss_ss = loss_ss + masked_nll(distill_lp[i], label, keep, valid_d, cfg.loss_norm)
+                loss_ss[i] = masked_nll(distill_lp[i], label, keep, valid_d, cfg.loss_norm)
                 ss_ratio = ss_ratio + keep.sum() / valid_d.sum().clamp(min=1) / 2
 
+        # Each student's loss reads the other branch only through detached targets, so the
+        # per-student sums can be back-propagated apart (and side by side).
         ramp = self.unsup_weight()
-        loss = loss_sup + ramp * cfg.lambda_st * loss_st + ramp * cfg.lambda_ss * loss_ss
+        per_student = [sup + ramp * cfg.lambda_st * st + ramp * cfg.lambda_ss * ss
+                       for sup, st, ss in zip(loss_sup, loss_st, loss_ss)]
+        loss = sum(per_student, zero)
+        loss_sup, loss_st, loss_ss = (sum(terms, zero) for terms in (loss_sup, loss_st, loss_ss))
 
         metrics = {
             "loss": loss.detach(),
@@ -257,7 +268,7 @@ class MutualKD(nn.Module):
             "isda_lambda": torch.tensor(lam),
         }
         metrics.update(self._pseudo_label_metrics(st_targets, st_keep, ss_ratio, batch, valid_d, n_l))
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, per_student if self.branches.is_parallel else [loss])
 
     # ------------------------------------------------------------------ helpers
 

@@ -80,12 +80,13 @@ def train_step(
     with autocast_context(amp, batch.x_l.device):
         out = method.compute_losses(batch)
     optimizer.zero_grad(set_to_none=True)
+    # Scaled here, on this thread: the scaler creates its scale on first use.
+    parts = [scaler.scale(part) for part in out.backward_parts] if scaler is not None else out.backward_parts
+    method.branches.map(torch.Tensor.backward, parts)
     if scaler is not None:
-        scaler.scale(out.loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        out.loss.backward()
         optimizer.step()
     scheduler.step()
     method.iteration += 1

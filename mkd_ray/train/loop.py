@@ -23,8 +23,8 @@ from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig, config_from_dict
 from mkd_ray.data.io import voc_palette
 from mkd_ray.data.torch_data import endless_loader, eval_batches
-from mkd_ray.engine import (ProgressMeter, TrainingDiverged, build_method, distributed_student, is_report_step,
-                            run_evaluation, to_batch)
+from mkd_ray.engine import (ProgressMeter, TrainingDiverged, build_method, configure_threads, distribute_students,
+                            is_report_step, run_evaluation, to_batch)
 from mkd_ray.method import build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.tracking import RunLogger, iou_table, overlay_grid
@@ -69,10 +69,12 @@ def _consistency_metrics(method, seen_draws: set, world: int) -> dict[str, float
     return {"ddp/max_param_diff": drift, "data/shared_draws": float(shared)}
 
 
-def _topology(context, world: int) -> list[dict]:
-    """Every rank's place in the cluster (gathered on all ranks): which node, which local rank."""
+def _topology(context, world: int, method) -> list[dict]:
+    """Every rank's place in the cluster (gathered on all ranks): which node, which local rank,
+    and how it runs a step (torch threads; the branches side by side or in turn)."""
     me = {"world_rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
-          "node_rank": context.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id()}
+          "node_rank": context.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+          "torch_threads": torch.get_num_threads(), "branches_side_by_side": method.branches.is_parallel}
     if world == 1:
         return [me]
     ranks: list = [None] * world
@@ -123,19 +125,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     mlflow_run = loop_config.get("mlflow")
     logger = RunLogger(mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run and rank == 0 else None
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
     data = loop_config["data"]  # checked (and filtered) once, on the driver
 
     method = build_method(cfg).to(device)
     method.train()
+    configure_threads(cfg, method, device)
     if world > 1:
-        method.wrap_students(lambda student: distributed_student(student, device))
+        distribute_students(method, device)
     optimizer, scheduler = build_optimizer(method, cfg.train)
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
-    topology = _topology(context, world)
+    topology = _topology(context, world, method)
     if rank == 0:
         nodes = len({r["node_id"] for r in topology})
         print(f"{world} workers on {nodes} node(s): " + ", ".join(
