@@ -7,6 +7,7 @@ framework-overhead benchmark compare Ray Train against; the distributed loop reu
 
 from __future__ import annotations
 
+import functools
 import inspect
 import resource
 import time
@@ -202,6 +203,22 @@ class ProgressMeter:
         )
 
 
+def _restores_torch_threads(fn):
+    """For loops run inside a caller's process: `configure_threads` sets the process's torch
+    threads (`train.threads`, half of them with the branches side by side); put them back."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_restores_torch_threads
 def train_local(
     cfg: ExperimentConfig,
     log: Callable[[str], None] = print,

@@ -59,6 +59,15 @@ def test_method_options_run(tiny_overrides, extra):
     assert result["val/miou"] >= 0.0
 
 
+def test_a_local_run_leaves_the_callers_torch_threads_as_they_were(tiny_overrides):
+    # With 2 threads the run's branches go side by side at 1 torch thread each (process-wide).
+    threads = torch.get_num_threads()
+    assert threads >= 2  # conftest; below that the branches run in turn and nothing changes
+    for extra in ([], ["train.threads=1"]):
+        _run(tiny_overrides + extra, "mkd", 2)
+        assert torch.get_num_threads() == threads
+
+
 def test_diverging_run_stops_before_checkpointing_non_finite_weights(tiny_overrides, tmp_path):
     from mkd_ray.engine import TrainingDiverged
 
