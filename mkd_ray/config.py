@@ -216,9 +216,9 @@ class ScalingConfig:
     num_workers: int = field(default=1, metadata=_range(0))
     cpus_per_worker: float = field(default=1.0, metadata=_range(0, lo_open=True))
     use_gpu: bool = False
-    # CPUs each Ray Data augmentation actor reserves (one, and up to one per worker where CPUs
-    # are free); below 1 lets several trials of a sweep
-    # share a small machine (their workers must leave this much free, or the stream stalls).
+    # CPUs each Ray Data augmentation actor reserves (one actor per worker, as far as the
+    # cluster's free CPUs go, at least one); below 1 lets several trials of a sweep share a
+    # small machine (their workers must leave this much free, or the stream stalls).
     data_cpus: float = field(default=1.0, metadata=_range(0, lo_open=True))
     # Where Ray places the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them
     # on different nodes (one worker per node with STRICT_SPREAD).

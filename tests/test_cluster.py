@@ -48,6 +48,15 @@ def _train(tiny_overrides, env, summary: Path, storage: str, *args) -> dict:
     return json.loads(summary.read_text())
 
 
+def _actor_nodes(cluster, class_name: str) -> list[str]:
+    """The node of every actor of `class_name` the cluster has run, ended ones included."""
+    listing = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", "actors", "--address", cluster.gcs,
+                              "--filter", f"class_name={class_name}", "--limit", "1000", "--format", "json"],
+                             capture_output=True, text=True, timeout=120, env=cluster.env)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    return [actor["node_id"] for actor in json.loads(listing.stdout)]
+
+
 @pytest.mark.ray
 def test_two_node_training_places_one_worker_per_node_and_matches_one_node(two_nodes, mlflow_env, tiny_overrides,
                                                                              tmp_path):
@@ -59,6 +68,8 @@ def test_two_node_training_places_one_worker_per_node_and_matches_one_node(two_n
     assert len({r["node_id"] for r in topology}) == 2
     assert sorted((r["world_rank"], r["node_rank"], r["local_rank"]) for r in topology) == [(0, 0, 0), (1, 1, 0)]
     assert spread["data/shared_draws"] == 0.0 and spread["ddp/max_param_diff"] == 0.0
+    # Each node decoded for its own worker: one augmenting actor per worker, one on each node.
+    assert len(set(_actor_nodes(two_nodes, "MapWorker(MapBatches(_ViewMaker))"))) == 2
 
     # The same seed on one node (PACK; without --address Ray joins the cluster of this machine,
     # and both workers land on one node): same schedule, same draws, same math.

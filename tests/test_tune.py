@@ -119,6 +119,10 @@ def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
     with pytest.raises(ConfigError, match="one trial needs 2.1 CPUs"):
         plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["scaling.cpus_per_worker=1.0",
                                                                             "scaling.data_cpus=1.0"]), {"CPU": 2.0})
+    # Two workers: a trial also takes a second actor where CPUs are free; with only one, it runs alone.
+    two = load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["scaling.num_workers=2"])  # 0.1 + 2 x 0.5 + 2 x 0.4
+    assert plan_resources(two, {"CPU": 6.0}).concurrency == 3
+    assert plan_resources(two, {"CPU": 1.5}).concurrency == 1
     gpu = load_sweep(REPO / "tune_spaces" / "voc.yaml")  # 4 GPU workers x 4 CPUs
     assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0}).concurrency == 2
     with pytest.raises(ConfigError, match="needs 4 GPUs"):

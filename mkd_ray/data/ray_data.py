@@ -4,8 +4,8 @@ The stream is a sequence of draw numbers: draw g is sample `draw_key(g)` of the 
 endless shuffle the single-process loop uses, so a one-worker Ray run sees exactly the
 images the local loop sees, and a resumed run starts at the draw where it stopped.
 Decoding and all augmentation (weak view, strong view, CutMix box, padding mask) run in
-`map_batches` on a pool of actors (up to one per training worker) on CPUs the training
-workers do not reserve.
+`map_batches` on a pool of actors (one per training worker, as far as free CPUs go) on
+CPUs the training workers do not reserve.
 """
 
 from __future__ import annotations
@@ -69,8 +69,17 @@ def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: 
 
 
 def _actor_pool(actors: Optional[int], cfg: ExperimentConfig) -> "ray.data.ActorPoolStrategy":
-    """`actors` augmenting actors if given; else one, and up to one per training worker where
-    CPUs are free (a fixed pool larger than the free CPUs would never start)."""
-    if actors:
-        return ray.data.ActorPoolStrategy(size=actors)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(cfg.scaling.num_workers, 1))
+    """`actors` augmenting actors if given; else one per training worker, as far as the
+    cluster's free CPUs go (at least one: a pool that cannot start would stall the stream).
+
+    A fixed pool, not an autoscaling one: the training step, not augmentation, is the
+    bottleneck, so an autoscaling pool stays at one actor, and on a cluster of small nodes
+    that actor's node then decodes for every worker and its worker becomes the slowest rank
+    (2 nodes of 1 CPU: the other node sat 65% idle). Ray Data spreads the pool's actors over
+    the nodes."""
+    if not actors:
+        # Called when the worker group has started (Ray Train's dataset factory), so the free
+        # CPUs are what the workers left.
+        free = ray.available_resources().get("CPU", 0.0)
+        actors = max(1, min(cfg.scaling.num_workers, math.floor(free / cfg.scaling.data_cpus + 1e-9)))
+    return ray.data.ActorPoolStrategy(size=actors)
