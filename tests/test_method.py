@@ -1,6 +1,7 @@
 """Known-answer tests of the method core on hand-built tensors (no Ray, no MLflow)."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -380,6 +381,23 @@ def test_branches_side_by_side_train_exactly_as_in_turn(name, amp):
     assert in_turn.keys() == side_by_side.keys()
     assert all(torch.equal(in_turn[k], side_by_side[k]) for k in in_turn), "the branches diverged"
     assert torch.equal(out_a.loss, out_b.loss)
+
+
+def test_a_copied_side_by_side_method_runs_side_by_side_and_leaves_the_process_threads():
+    import copy
+
+    threads = torch.get_num_threads()
+    method = make_method(name="mkd")
+    try:
+        method.branches.parallel(1)
+        torch.set_num_threads(2)  # a process whose threads differ from the runner's
+        copied = copy.deepcopy(method)
+        assert torch.get_num_threads() == 2
+        assert copied.branches.is_parallel and copied.branches.threads_each == 1
+        names = copied.branches.map(lambda _: threading.current_thread().name, range(2))
+        assert all(name.startswith("mkd-branch") for name in names)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -36,6 +36,9 @@ class BranchRunner:
         """Run up to `branches` items at once, each thread (and this one) at `threads_each`
         torch threads: the process then uses about `branches * threads_each` cores."""
         torch.set_num_threads(threads_each)
+        self._start_pool(threads_each, branches)
+
+    def _start_pool(self, threads_each: int, branches: int = 2) -> None:
         self.threads_each = threads_each
         self._pool = ThreadPoolExecutor(branches, thread_name_prefix="mkd-branch", initializer=torch.set_num_threads,
                                         initargs=(threads_each,))
@@ -52,14 +55,15 @@ class BranchRunner:
 
         return list(self._pool.map(in_context, items))
 
-    # A module holding a runner must still deep-copy and pickle: the pool is rebuilt, not copied.
+    # A module holding a runner must still deep-copy and pickle: the pool is rebuilt, not
+    # copied, and the copy leaves the threads of the process it lands in as they are.
     def __getstate__(self) -> dict:
         return {"threads_each": self.threads_each}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
         if state["threads_each"] is not None:
-            self.parallel(state["threads_each"])
+            self._start_pool(state["threads_each"])
 
 
 def _caller_context() -> Callable[[], contextlib.ExitStack]:
