@@ -147,7 +147,7 @@ def plan_resources(sweep: Sweep, cluster: dict) -> Plan:
     """Fit whole trials into the cluster: each needs its driver, its training workers and at
     least one Ray Data actor's CPUs free at once, or its stream (or its worker group) waits
     forever. Concurrency counts the actor per worker that a trial takes where CPUs are free
-    (`data.ray_data`), so that a running trial's actors never hold a planned trial's CPUs."""
+    (`data.ray_data`), so that those actors do not take the CPUs planned for another trial."""
     s, t = sweep.base.scaling, sweep.tune
     workers = max(s.num_workers, 1)
     need = t.trial_driver_cpus + workers * s.cpus_per_worker + s.data_cpus
@@ -155,7 +155,8 @@ def plan_resources(sweep: Sweep, cluster: dict) -> Plan:
     if need > cpus + 1e-9:
         raise ConfigError("scaling", f"one trial needs {need:g} CPUs (driver {t.trial_driver_cpus:g} + {workers} x "
                           f"cpus_per_worker {s.cpus_per_worker:g} + data_cpus {s.data_cpus:g}); the cluster has {cpus:g}")
-    fits = max(1, math.floor((cpus + 1e-9) / (need + (workers - 1) * s.data_cpus)))
+    with_an_actor_per_worker = need + (workers - 1) * s.data_cpus
+    fits = max(1, math.floor((cpus + 1e-9) / with_an_actor_per_worker))
     if s.use_gpu:
         gpus = cluster.get("GPU", 0)
         if gpus < workers:
