@@ -5,6 +5,7 @@ Ray tells nodes apart by IP, so each gets its own node rank, and everything stay
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def _on_core(core: Optional[int]):
     return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
 
 
+def _cluster_token(directory: Path) -> dict:
+    """Token authentication with a token of this cluster's own, for every node and client.
+    `ray start --head` turns authentication on only where a token already exists (in 2.60),
+    so a fresh machine would start an open cluster; the user's ~/.ray/auth_token is left alone."""
+    path = directory / "auth_token"
+    path.write_text(secrets.token_hex(16))
+    path.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
 @contextmanager
 def local_cluster(nodes: int = 2, cpus_per_node: float = 1, pin_cores: bool = False) -> Iterator[LocalCluster]:
     """Start a head with the job server and `nodes - 1` more nodes; stop them all on exit.
@@ -48,15 +59,16 @@ def local_cluster(nodes: int = 2, cpus_per_node: float = 1, pin_cores: bool = Fa
     # runtime-env cache, and a node unpacking a job's working_dir replaces the directory a
     # process of another node is running in. Short paths: Ray's socket paths have a length limit.
     temp_dirs = [tempfile.mkdtemp(prefix=f"rc{i}", dir="/tmp") for i in range(nodes)]
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TMPDIR": temp_dirs[0]}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_TMPDIR": temp_dirs[0],
+           **_cluster_token(Path(temp_dirs[0]))}
+    for inherited in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(inherited, None)
     port, dashboard = free_port(), free_port()
     start = [str(bin_dir / "ray"), "start", "--num-cpus", f"{cpus_per_node:g}", "--disable-usage-stats"]
     try:
         subprocess.run([*start, "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=true",
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp_dirs[0]],
                        check=True, capture_output=True, env=env, timeout=180, preexec_fn=_on_core(cores[0]))
-        env["RAY_AUTH_MODE"] = "token"  # the head enables token authentication; every client needs it
         for i in range(1, nodes):
             subprocess.run([*start, "--address", f"127.0.0.1:{port}", "--node-ip-address", f"127.0.0.{i + 1}",
                             "--temp-dir", temp_dirs[i]],

@@ -27,10 +27,13 @@ def _sets(overrides) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A head (1 CPU, with the job server) and a second node (1 CPU) on 127.0.0.2."""
-    with local_cluster(nodes=2, cpus_per_node=1) as cluster:
-        yield cluster
+def two_nodes(tmp_path_factory):
+    """A head (1 CPU, with the job server) and a second node (1 CPU) on 127.0.0.2, started
+    from a home without ~/.ray, as on a fresh machine: the cluster brings its own token."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        with local_cluster(nodes=2, cpus_per_node=1) as cluster:
+            yield cluster
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ def test_two_node_training_places_one_worker_per_node_and_matches_one_node(two_n
 
 
 def _submit(two_nodes, env, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # submit finds ~/.ray/auth_token by itself
+    env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # submit finds RAY_AUTH_TOKEN_PATH by itself
     return subprocess.run([sys.executable, "run.py", "submit", "--address", two_nodes.jobs, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env=env)
 
