@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,3 +77,5 @@ def local_cluster(nodes: int = 2, cpus_per_node: float = 1, pin_cores: bool = Fa
         yield LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env)
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=180)
+        for directory in temp_dirs:  # sessions' logs and the cluster's token
+            shutil.rmtree(directory, ignore_errors=True)

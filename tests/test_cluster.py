@@ -34,6 +34,7 @@ def two_nodes(tmp_path_factory):
         patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
         with local_cluster(nodes=2, cpus_per_node=1) as cluster:
             yield cluster
+    assert not Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).parent.exists()  # nothing left in /tmp, the token included
 
 
 @pytest.fixture
