@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,8 +219,11 @@ def concurrent_sweep(synthetic_root, tmp_path_factory):
             "train.iters": 8}
     space = write_space(home, set=tiny, space={"train.lr": {"grid": [0.01, 0.008, 0.006, 1.0e+12]}},
                         tune={"scheduler": "fifo", "num_samples": 1, "trial_driver_cpus": 0.1})
-    summary = _run_sweep(space, TINY + [f"data.root={root}"], home, "concurrent", env)
-    return {**summary, "uri": uri, "home": home, "ray_dir": Path(ray_dir), "broken": broken}
+    try:
+        summary = _run_sweep(space, TINY + [f"data.root={root}"], home, "concurrent", env)
+        yield {**summary, "uri": uri, "home": home, "ray_dir": Path(ray_dir), "broken": broken}
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)  # a short path in /tmp (socket length limit), not in tmp_path
 
 
 def _trial_runs(sweep) -> dict[float, object]:
