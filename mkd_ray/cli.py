@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mkd_ray.checkpoint import CheckpointError
+from mkd_ray.console import VERBOSE_ENV, Stalled, quiet_libraries
 from mkd_ray.config import ConfigError, SynthConfig, load_config
 from mkd_ray.data.io import DatasetError
 from mkd_ray.engine import TrainingDiverged
@@ -28,11 +29,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description="Semi-supervised segmentation with Mutual Knowledge Distillation")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show Ray's and MLflow's own logs and Tune's tables on the console (or set {VERBOSE_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one configuration")
     _add_config_args(train)
-    train.add_argument("--local", action="store_true", help="single-process loop, no Ray")
+    train.add_argument("--local", action="store_true",
+                       help="single-process loop, no Ray; records nothing in MLflow (its checkpoint goes under --storage)")
     train.add_argument("--name", help="run name; a run started again with the same name resumes (default: <config name>-<time>)")
     train.add_argument("--storage", default="runs",
                        help="where runs and checkpoints live: a folder every node reaches, or a URI such as s3://bucket/runs "
@@ -125,18 +129,38 @@ def cmd_train(args) -> int:
     if args.local:
         from mkd_ray.engine import default_run_name
 
-        result = train_local(cfg, checkpoint_dir=Path(args.storage) / (args.name or default_run_name(cfg)))
+        checkpoint = Path(args.storage) / (args.name or default_run_name(cfg))
+        result = train_local(cfg, checkpoint_dir=checkpoint)
         summary = {k: result.get(k) for k in ("val/miou", "val/iou", "seconds", "seconds_per_iter", "step")}
+        summary.update({f"val/iou/{n}": v for n, v in zip(cfg.data.names, result.get("val/iou") or [])})
+        summary["checkpoint"] = str(checkpoint)
     else:
         from mkd_ray.train.trainer import fit
 
         result, run_id = fit(cfg, name=args.name, storage_path=args.storage, address=args.address, experiment=args.experiment)
         summary = {**result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None, "mlflow_run_id": run_id}
-    if summary.get("val/miou") is not None:
-        print(f"final val mIoU {summary['val/miou']:.2f}")
+    _print_train_summary(summary, cfg, args.experiment or cfg.name)
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _print_train_summary(summary: dict, cfg, experiment: str) -> None:
+    """Final mIoU and per-class IoU, where the weights are, and where the record is."""
+    if summary.get("val/miou") is None:
+        return
+    print(f"final val mIoU {summary['val/miou']:.2f} ({cfg.eval.model}, {cfg.eval.mode})")
+    for name in cfg.data.names:
+        if f"val/iou/{name}" in summary:
+            print(f"  {name:>16s} {summary[f'val/iou/{name}']:6.2f}")
+    print(f"checkpoint: {summary.get('checkpoint')}")
+    if summary.get("mlflow_run_id"):
+        from mkd_ray.tracking import tracking_uri
+
+        print(f"MLflow run {summary['mlflow_run_id']} (experiment {experiment}); see it with: "
+              f"mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
+    else:
+        print("not recorded in MLflow (--local runs record nothing; train without --local to record a run)")
 
 
 def cmd_eval(args) -> int:
@@ -196,21 +220,45 @@ def cmd_tune(args) -> int:
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials ran")
     counts = table["status"].value_counts() if len(table) else {}
     print(f"{len(table)} trials ({counts.get('completed', 0)} completed, {counts.get('stopped early', 0)} stopped early, "
-          f"{counts.get('error', 0)} failed) in {summary.seconds / 60:.1f} min; MLflow parent run {summary.parent_run_id}")
+          f"{counts.get('error', 0)} failed) in {summary.seconds / 60:.1f} min")
     if counts.get("unfinished", 0):
         print(f"interrupted with {counts['unfinished']} trials unfinished; continue with: "
               f"python run.py tune --space {args.space} --resume --name {name}")
     if summary.best_config is not None:
-        best = table.iloc[0]
-        print(f"best: trial {best['trial_id']}, {metric} {best[f'best {metric}']:.2f}")
-        for key in sweep.space:
-            print(f"  {key}: {best[key]}")
+        _print_sweep_answer(summary, sweep, name, args.experiment or sweep.base.name)
     if args.summary:
         args.summary.write_text(json.dumps({
             "name": name, "parent_run_id": summary.parent_run_id, "seconds": summary.seconds, "path": summary.path,
             "trials": table.to_dict(orient="records"), "best_config": summary.best_config,
         }, indent=2, default=str))
     return 0
+
+
+def _print_sweep_answer(summary, sweep, name: str, experiment: str) -> None:
+    """The best trial against the default configuration at the same budget, what early
+    stopping saved, and where to look."""
+    from mkd_ray.tracking import tracking_uri
+
+    table, metric = summary.table, sweep.tune.metric
+    best = table.iloc[0]
+    print(f"best: trial {best['trial_id']}, {metric} {best[f'best {metric}']:.2f}")
+    for key in sweep.space:
+        print(f"  {key}: {best[key]}")
+    defaults = [row for _, row in table.iterrows()
+                if summary.default is not None and all(row[k] == v for k, v in summary.default.items())]
+    if defaults:
+        row = defaults[0]
+        print(f"default configuration ({', '.join(f'{k}={v}' for k, v in summary.default.items())}): "
+              f"{metric} {row[f'best {metric}']:.2f} (trial {row['trial_id']}, {row['status']}), "
+              f"so the best is {best[f'best {metric}'] - row[f'best {metric}']:+.2f} at the same budget")
+    full = summary.iters * len(table)
+    if full:
+        print(f"compute: the trials ran {int(table['steps'].sum()):,} of {full:,} steps "
+              f"({table['steps'].sum() / full:.0%} of running every trial to the end)")
+    print(f"best config: {summary.path}/best_config.yaml (also on MLflow parent run {summary.parent_run_id}, "
+          f"experiment {experiment})")
+    print(f"look at it:\n  python run.py compare --experiment {experiment} --sweep {name}\n"
+          f"  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
 
 
 def cmd_compare(args) -> int:
@@ -343,6 +391,9 @@ def _pack(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by this process and, through the environment, by Ray's
+    quiet_libraries()
     handler = {"train": cmd_train, "eval": cmd_eval, "tune": cmd_tune, "compare": cmd_compare, "data": cmd_data,
                "submit": cmd_submit, "jobs": cmd_jobs}[args.command]
     try:
@@ -355,6 +406,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, Stalled) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -192,6 +192,10 @@ class TrainConfig:
     # student i's backward) side by side on half the threads each: small kernels use one
     # thread far better than two. Ignored on GPU and for one-student methods.
     parallel_branches: bool = True
+    # A Ray run or sweep in which no run reports progress (a log line or an evaluation) for
+    # this many seconds stops with an error naming what waits for what (0 = never). Raise it
+    # where a log interval or an evaluation takes longer (large images, slow nodes).
+    stall_timeout_s: float = field(default=300.0, metadata=_range(0))
 
     @property
     def last_step(self) -> int:
@@ -416,11 +420,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("model.stem_pool", "only ResNet backbones can drop the stem max-pool")
     if m.backbone.startswith("mobilenet") and m.output_stride == 8:
         raise ConfigError("model.output_stride", "mobilenet backbones support output stride 16 or 32")
+    _check_pretrained(m)
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu and cfg.train.device != "cuda":
         raise ConfigError("train.amp", "fp16 autocast needs a GPU; use 'bf16' on the CPU")
     if cfg.train.device == "cuda" and not cfg.scaling.use_gpu and cfg.scaling.num_workers > 0:
         raise ConfigError("train.device", "device 'cuda' under Ray needs scaling.use_gpu=true")
     return cfg
+
+
+def _check_pretrained(m: ModelConfig) -> None:
+    """Weights are loaded when the model is built, after the dataset check; a wrong
+    model.pretrained fails here instead, before any work. The string 'none' is a file name
+    like any other: YAML spells "no weights" null."""
+    if m.pretrained == "imagenet" and m.width != 1.0:
+        raise ConfigError("model.pretrained", "ImageNet weights exist only for model.width=1.0")
+    if m.pretrained not in (None, "imagenet") and not Path(m.pretrained).is_file():
+        raise ConfigError("model.pretrained", f"weights file {m.pretrained!r} does not exist; expected a path to an "
+                          "existing weights file, 'imagenet', or null for random initialisation (--set model.pretrained=null)")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ def run_evaluation(method: MutualKD, cfg: ExperimentConfig, batches, device, on_
         method.train()
 
 
+# Step metrics a step may leave undefined (nan): accuracy of the kept pseudo-labels when the
+# threshold kept no pixel.
+_UNDEFINED_SOME_STEPS = ("pseudo_acc", "pseudo_acc_kept")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the run stops rather than checkpoint non-finite weights."""
 
@@ -156,6 +162,7 @@ class ProgressMeter:
     _last_t: float = field(default_factory=time.perf_counter)
     _last_step: int = 0
     _sums: dict = field(default_factory=dict)
+    _counts: dict = field(default_factory=dict)
     _n: int = 0
     # Stays a tensor (no host sync per step); read at report steps through `finite_flag()`.
     _finite: Optional[torch.Tensor] = None
@@ -167,7 +174,12 @@ class ProgressMeter:
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value.detach()
+            value = value.detach()
+            if key in _UNDEFINED_SOME_STEPS:  # averaged over the steps that defined it
+                defined = torch.isfinite(value)
+                self._counts[key] = self._counts.get(key, 0) + defined
+                value = torch.where(defined, value, torch.zeros_like(value))
+            self._sums[key] = self._sums.get(key, 0.0) + value
         self._n += 1
         finite = torch.isfinite(metrics["loss"].detach())
         self._finite = finite if self._finite is None else self._finite & finite
@@ -185,18 +197,20 @@ class ProgressMeter:
         steps = max(step - self._last_step, 1)
         rate = steps / max(now - self._last_t, 1e-9)
         out = {k: float(v) / max(self._n, 1) for k, v in self._sums.items()}
+        for key, count in self._counts.items():  # nan where no step defined it
+            out[key] = float(self._sums[key]) / float(count) if float(count) else float("nan")
         out["images_per_s"] = rate * self.images_per_step
         out["seconds_per_iter"] = 1.0 / rate
         out["eta_s"] = (self.total_iters - step) / rate
         # Peak resident memory of this process so far (Linux reports KiB).
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self._sums, self._n, self._last_t, self._last_step = {}, 0, now, step
+        self._sums, self._counts, self._n, self._last_t, self._last_step = {}, {}, 0, now, step
         return out
 
     @staticmethod
     def line(step: int, total: int, values: dict[str, float]) -> str:
         keys = ("loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "pseudo_acc_kept", "data_wait_fraction")
-        parts = [f"{k}={values[k]:.3f}" for k in keys if k in values]
+        parts = [f"{k}={values[k]:.3f}" if math.isfinite(values[k]) else f"{k}=-" for k in keys if k in values]
         return (
             f"step {step}/{total}  " + "  ".join(parts)
             + f"  {values['images_per_s']:.1f} img/s  eta {values['eta_s'] / 60:.1f} min"

@@ -81,10 +81,23 @@ def reopen_or_create(client: MlflowClient, experiment: str, run_name: str, tags:
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, False
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = model_training_experiment(client, experiment)
     tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, "git_commit": git_commit(), **tags}
     return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id, True
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
+def model_training_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if needed, marked as model training: MLflow 3's UI
+    opens an experiment without a kind in its GenAI view (traces, evaluation runs)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    return found.experiment_id
 
 
 def open_run(cfg: ExperimentConfig, experiment: str, run_name: str, uri: Optional[str] = None,

@@ -68,6 +68,8 @@ CASES = [
     ("pipeline not YAML", ["train", "--pipeline", "pipelines/broken.yaml"], ["broken.yaml", "not valid YAML"], None),
     ("pipeline not a mapping", ["train", "--pipeline", "pipelines/list.yaml"], ["list.yaml"], None),
     ("local run, bad key", ["train", "--local", "--set", "train.lr=0"], ["train.lr", "(0, inf]"], None),
+    ("pretrained weights 'none'", ["train", "--local", "--set", "model.pretrained=none"],
+     ["model.pretrained", "'none' does not exist", "'imagenet'", "--set model.pretrained=null"], None),
     # search-space YAML
     ("space key typo", ["tune", "--space", SPACE, "--set", "tune.schedular=asha"], ["tune.schedular", "'scheduler'"], None),
     ("space unknown scheduler", ["tune", "--space", SPACE, "--set", "tune.scheduler=hyperband"], ["tune.scheduler", "'asha'"], None),

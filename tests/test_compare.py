@@ -72,3 +72,16 @@ def test_compare_names_what_is_missing(store, tmp_path):
         compare(["sweeps"], metric="val/acc", out=tmp_path)
     with pytest.raises(ConfigError, match="no sweep 's9'.*s1"):
         compare(["sweeps"], sweep="s9", out=tmp_path)
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    from mkd_ray.config import ExperimentConfig
+    from mkd_ray.tracking import EXPERIMENT_KIND_TAG, open_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    older = client.create_experiment("made-before")  # as by an earlier version: no kind
+    for experiment in ("fresh", "made-before"):
+        open_run(ExperimentConfig(), experiment, "run", uri)
+        assert client.get_experiment_by_name(experiment).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment_by_name("made-before").experiment_id == older

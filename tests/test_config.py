@@ -51,6 +51,8 @@ BAD = [
     ("model.output_stride=4", "model.output_stride", "one of 8, 16, 32"),
     ("model.aspp_rates=[6,12]", "model.aspp_rates", "3"),
     ("model.width=0.5", None, None),  # valid on resnet18
+    ("model.pretrained=none", "model.pretrained", "'none' does not exist.*'imagenet', or null"),
+    ("model.pretrained=null", None, None),  # random initialisation
     ("train.iters=0", "train.iters", r"\[1, inf\]"),
     ("train.lr=0", "train.lr", r"\(0, inf\]"),
     ("train.optimizer=rmsprop", "train.optimizer", "'sgd'"),
@@ -85,6 +87,14 @@ def test_bad_config_names_the_field(override, field, message):
 def test_combined_check_width_on_resnet50():
     with pytest.raises(ConfigError, match="model.width"):
         load_config(None, ["model.backbone=resnet50", "model.width=0.5"])
+
+
+def test_pretrained_is_checked_when_the_config_is_validated(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="model.pretrained: ImageNet weights exist only for model.width=1.0"):
+        load_config(None, ["model.pretrained=imagenet", "model.width=0.5"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.pt").write_bytes(b"")
+    assert load_config(None, ["model.pretrained=weights.pt"]).model.pretrained == "weights.pt"
 
 
 def test_malformed_override_and_missing_file(tmp_path):

@@ -162,3 +162,21 @@ def test_local_training_goes_on_past_unreadable_unlabeled_images(synthetic_root,
     root, _ = corrupt_copy(synthetic_root, tmp_path, "splits/1_8/unlabeled.txt", 20)
     result = _run(tiny_overrides + [f"data.root={root}", "train.log_interval=4"], "mkd", 4)
     assert result["step"] == 4 and result["history"][-1]["data/skipped"] > 0
+
+
+def test_progress_lines_average_kept_pseudo_label_accuracy_over_the_steps_that_kept_pixels():
+    import math
+
+    import torch
+
+    from mkd_ray.engine import ProgressMeter
+
+    meter = ProgressMeter(total_iters=10, images_per_step=16)
+    for kept in (float("nan"), 0.8, 0.6):  # the first step kept no pixel
+        meter.add({"loss": torch.tensor(1.0), "pseudo_acc_kept": torch.tensor(kept)})
+    values = meter.summary(3)
+    assert values["pseudo_acc_kept"] == pytest.approx(0.7) and values["loss"] == pytest.approx(1.0)
+    meter.add({"loss": torch.tensor(1.0), "pseudo_acc_kept": torch.tensor(float("nan"))})
+    values = meter.summary(4)
+    assert math.isnan(values["pseudo_acc_kept"])
+    assert "pseudo_acc_kept=-" in ProgressMeter.line(4, 10, values) and "nan" not in ProgressMeter.line(4, 10, values)

@@ -117,7 +117,7 @@ def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
     assert plan_resources(sweep, {"CPU": 8.0}).concurrency == 8
     assert plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["tune.max_concurrent_trials=1"]),
                           {"CPU": 8.0}).concurrency == 1
-    with pytest.raises(ConfigError, match="one trial needs 2.1 CPUs"):
+    with pytest.raises(ConfigError, match="one run needs 2.1 CPUs"):
         plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["scaling.cpus_per_worker=1.0",
                                                                             "scaling.data_cpus=1.0"]), {"CPU": 2.0})
     # Two workers: a trial also takes a second actor where CPUs are free; with only one, it runs alone.
@@ -126,8 +126,28 @@ def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
     assert plan_resources(two, {"CPU": 1.5}).concurrency == 1
     gpu = load_sweep(REPO / "tune_spaces" / "voc.yaml")  # 4 GPU workers x 4 CPUs
     assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0}).concurrency == 2
-    with pytest.raises(ConfigError, match="needs 4 GPUs"):
+    with pytest.raises(ConfigError, match="need 4 GPUs"):
         plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_a_trial_reserves_its_driver_and_data_actors_in_one_request():
+    from mkd_ray.tune.runner import plan_resources
+
+    plan = plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["scaling.num_workers=2"]), {"CPU": 6.0})
+    assert plan.trial_resources().bundles == [{"CPU": 0.1}, {"CPU": 0.4}, {"CPU": 0.4}]
+    supervised = plan_resources(load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["method.name=supervised"]),
+                                {"CPU": 2.0})
+    assert supervised.trial_resources().bundles == [{"CPU": 0.1}] and supervised.concurrency == 3
+
+
+def test_the_default_configuration_is_the_first_trial_where_the_space_holds_it(tmp_path):
+    from mkd_ray.tune.runner import default_values
+
+    sweep = load_sweep(REPO / "tune_spaces" / "synthetic.yaml")
+    assert default_values(sweep) == {"method.ema_decay": 0.99, "method.tau_t": 0.9, "method.lambda_st": 0.25,
+                                     "method.lambda_ss": 0.25, "train.lr": 0.002}
+    outside = load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["method.tau_t=0.5"])  # searched over [0.7, 0.97]
+    assert default_values(outside) is None
 
 
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):

@@ -142,21 +142,37 @@ def parse_split_lines(text: str, origin, need_masks: bool = True) -> list[tuple[
     return entries
 
 
-def read_split_file(path: Path, root: Path, need_masks: bool = True) -> list[SampleRef]:
-    """One sample a line: "<image> [<mask>]", both relative to `root`; every file must exist."""
+def read_split_file(path: Path, root: Path, need_masks: bool = True, log=print) -> list[SampleRef]:
+    """One sample a line: "<image> [<mask>]", both relative to `root`. Every image must exist,
+    and every mask unless `need_masks` is False (an unlabeled list): there a mask may be left
+    out, and one named but missing reads as none, with one warning (see `warn_missing_masks`)."""
     path, root = Path(path), Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist (set data.root)")
     if not path.is_file():
         raise DatasetError(f"split file {path} does not exist")
-    refs = []
+    refs, missing = [], []
     for lineno, image, mask in parse_split_lines(path.read_text(), path, need_masks):
         ref = SampleRef(root / image, root / mask if mask else None)
-        for file in (ref.image, ref.mask):
-            if file is not None and not file.is_file():
-                raise DatasetError(f"{path}:{lineno}: {file} does not exist")
+        if not ref.image.is_file():
+            raise DatasetError(f"{path}:{lineno}: {ref.image} does not exist")
+        if ref.mask is not None and not ref.mask.is_file():
+            if need_masks:
+                raise DatasetError(f"{path}:{lineno}: {ref.mask} does not exist")
+            missing.append(mask)
+            ref = SampleRef(ref.image, None)
         refs.append(ref)
+    warn_missing_masks(path, missing, len(refs), log)
     return refs
+
+
+def warn_missing_masks(listing, missing: list[str], total: int, log) -> None:
+    """One warning for the masks an unlabeled list names but the dataset lacks. Those masks
+    only feed the pseudo-label accuracy diagnostic, so their images train as unlabeled ones
+    without ground truth (all ignore) rather than stop the run."""
+    if missing:
+        log(f"warning: {listing}: {len(missing):,} of the {total:,} masks it names do not exist "
+            f"(e.g. {missing[0]}); pseudo-label accuracy leaves those images out")
 
 
 def write_split_file(path: Path, refs: list[SampleRef], root: Path, with_masks: bool = True) -> None:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mkd_ray.data.io import DatasetError, PackedRow, SampleRef, parse_split_lines
+from mkd_ray.data.io import DatasetError, PackedRow, SampleRef, parse_split_lines, warn_missing_masks
 from mkd_ray.storage import exists, filesystem, join, read_text, write_bytes
 
 MANIFEST = "pack.json"
@@ -47,13 +47,19 @@ def _source_lists(splits_dir: Path) -> list[Path]:
 
 
 def _samples_named(root: Path, lists: list[Path]) -> dict[str, str | None]:
-    """image path -> mask path (or None) for every sample any split file names."""
+    """image path -> mask path (or None) for every sample any split file names. A mask an
+    unlabeled list names but the dataset lacks is packed as none, as training reads it
+    (io.read_split_file); any other missing file is an error."""
     samples: dict[str, str | None] = {}
     for listing in lists:
+        masks_optional = listing.name == "unlabeled.txt"
         for lineno, image, mask in parse_split_lines(listing.read_text(), listing, need_masks=False):
-            for rel in (image, mask):
-                if rel is not None and not (root / rel).is_file():
-                    raise DatasetError(f"{listing}:{lineno}: {root / rel} does not exist")
+            if not (root / image).is_file():
+                raise DatasetError(f"{listing}:{lineno}: {root / image} does not exist")
+            if mask is not None and not (root / mask).is_file():
+                if not masks_optional:
+                    raise DatasetError(f"{listing}:{lineno}: {root / mask} does not exist")
+                mask = None
             samples[image] = mask or samples.get(image)
     return samples
 
@@ -113,17 +119,22 @@ def pack_index(location: str) -> dict[str, tuple[PackedRow, bool]]:
     return index
 
 
-def read_split(location: str, pack: str, need_masks: bool = True) -> list[SampleRef]:
-    """A split file whose lines name samples of the pack at `pack`."""
+def read_split(location: str, pack: str, need_masks: bool = True, log=print) -> list[SampleRef]:
+    """A split file whose lines name samples of the pack at `pack`; masks as in
+    io.read_split_file (optional, with one warning when missing, if `need_masks` is False)."""
     index = pack_index(pack)
-    refs = []
+    refs, missing = [], []
     for lineno, image, mask in parse_split_lines(read_text(location), location, need_masks):
         if image not in index:
             raise DatasetError(f"{location}:{lineno}: {image} is not in the pack {pack}")
         row, has_mask = index[image]
         if mask is not None and not has_mask:
-            raise DatasetError(f"{location}:{lineno}: the pack {pack} holds no mask for {image}")
+            if need_masks:
+                raise DatasetError(f"{location}:{lineno}: the pack {pack} holds no mask for {image}")
+            missing.append(mask)
+            mask = None
         refs.append(SampleRef(image, mask, row))
+    warn_missing_masks(location, missing, len(refs), log)
     return refs
 
 

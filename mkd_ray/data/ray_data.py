@@ -4,15 +4,13 @@ The stream is a sequence of draw numbers: draw g is sample `draw_key(g)` of the 
 endless shuffle the single-process loop uses, so a one-worker Ray run sees exactly the
 images the local loop sees, and a resumed run starts at the draw where it stopped.
 Decoding and all augmentation (weak view, strong view, CutMix box, padding mask) run in
-`map_batches` on a pool of actors (one per training worker, as far as free CPUs go) on
+`map_batches` on a pool of actors (one per training worker, as far as the CPUs go) on
 CPUs the training workers do not reserve.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import numpy as np
 import ray
 
@@ -47,39 +45,35 @@ class _ViewMaker:
 
 
 def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: int, num_draws: int,
-                      actors: Optional[int] = None) -> "ray.data.Dataset":
-    """Draws [start_draw, start_draw + num_draws) of the unlabeled stream, decoded and augmented.
+                      actors: int = 1, placement_group=None) -> "ray.data.Dataset":
+    """Draws [start_draw, start_draw + num_draws) of the unlabeled stream, decoded and augmented
+    by a fixed pool of `actors` actors, placed in `placement_group`'s bundles where given (the
+    run's reservation, see mkd_ray.train.resources), so they never wait for free CPUs.
 
     The source is a list of small draw ranges built in this process (`from_items`), not
     `ray.data.range` or `from_numpy`, whose read and conversion tasks each hold a whole CPU:
-    on a small machine shared by a sweep's trials that CPU is never free."""
-    # The training loop prints its own progress; Ray Data's bars would interleave with it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    chunk = max(cfg.data.unlabeled_batch_size, 16)
-    end = start_draw + num_draws
-    ranges = [{"first": g, "count": min(chunk, end - g)} for g in range(start_draw, end, chunk)]
-    return ray.data.from_items(ranges, override_num_blocks=max(1, math.ceil(len(ranges) / RANGES_PER_BLOCK))).map_batches(
-        _ViewMaker,
-        batch_size=1,
-        batch_format="numpy",
-        compute=_actor_pool(actors, cfg),
-        num_cpus=cfg.scaling.data_cpus,
-        fn_constructor_kwargs={"refs": list(refs), "config": cfg.to_dict(), "seed": unlabeled_seed(cfg)},
-    )
-
-
-def _actor_pool(actors: Optional[int], cfg: ExperimentConfig) -> "ray.data.ActorPoolStrategy":
-    """`actors` augmenting actors if given; else one per training worker, as far as the
-    cluster's free CPUs go (at least one: a pool that cannot start would stall the stream).
+    on a small machine shared by a sweep's trials that CPU is never free.
 
     A fixed pool, not an autoscaling one: the training step, not augmentation, is the
     bottleneck, so an autoscaling pool stays at one actor, and on a cluster of small nodes
     that actor's node then decodes for every worker and its worker becomes the slowest rank
-    (2 nodes of 1 CPU: the other node sat 65% idle). Ray Data spreads the pool's actors over
-    the nodes."""
-    if not actors:
-        # Called when the worker group has started (Ray Train's dataset factory), so the free
-        # CPUs are what the workers left.
-        free = ray.available_resources().get("CPU", 0.0)
-        actors = max(1, min(cfg.scaling.num_workers, math.floor(free / cfg.scaling.data_cpus + 1e-9)))
-    return ray.data.ActorPoolStrategy(size=actors)
+    (2 nodes of 1 CPU: the other node sat 65% idle)."""
+    # The training loop reports its own progress; Ray Data's bars would interleave with it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    chunk = max(cfg.data.unlabeled_batch_size, 16)
+    end = start_draw + num_draws
+    ranges = [{"first": g, "count": min(chunk, end - g)} for g in range(start_draw, end, chunk)]
+    placement = {}
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=-1)
+    return ray.data.from_items(ranges, override_num_blocks=max(1, math.ceil(len(ranges) / RANGES_PER_BLOCK))).map_batches(
+        _ViewMaker,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cfg.scaling.data_cpus,
+        fn_constructor_kwargs={"refs": list(refs), "config": cfg.to_dict(), "seed": unlabeled_seed(cfg)},
+        **placement,
+    )

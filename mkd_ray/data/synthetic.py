@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -201,12 +202,23 @@ def generate(out: Path, cfg: SynthConfig) -> dict:
     return info
 
 
-def is_generated(root: Path, cfg: SynthConfig) -> bool:
-    """True when `root` holds a dataset generated with this exact SynthConfig."""
+def settings(cfg: SynthConfig) -> dict:
+    """The generator settings as synthetic.json records them."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def recorded_settings(root: Path) -> Optional[dict]:
+    """The settings `root`'s synthetic.json records; None when it has none (or no readable one)."""
     meta = Path(root) / "synthetic.json"
     if not meta.is_file():
-        return False
+        return None
     try:
-        return json.loads(meta.read_text()).get("config") == json.loads(json.dumps(asdict(cfg)))
-    except json.JSONDecodeError:
-        return False
+        recorded = json.loads(meta.read_text()).get("config")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def is_generated(root: Path, cfg: SynthConfig) -> bool:
+    """True when `root` holds a dataset generated with this exact SynthConfig."""
+    return recorded_settings(root) == settings(cfg)

@@ -136,13 +136,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         distribute_students(method, device)
     optimizer, scheduler = build_optimizer(method, cfg.train)
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
+    say = _console(loop_config, rank)
     topology = _topology(context, world, method)
-    if rank == 0:
+    if world > 1:
         nodes = len({r["node_id"] for r in topology})
-        print(f"{world} workers on {nodes} node(s): " + ", ".join(
-            f"rank {r['world_rank']} = node {r['node_rank']} local {r['local_rank']}" for r in topology), flush=True)
-        if logger:
-            logger.text(json.dumps(topology, indent=2), "topology.json")
+        say(f"{world} workers on {nodes} node(s): " + ", ".join(
+            f"rank {r['world_rank']} = node {r['node_rank']} local {r['local_rank']}" for r in topology))
+    if logger:
+        logger.text(json.dumps(topology, indent=2), "topology.json")
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
@@ -180,29 +181,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
         _broadcast_buffers(method, world)
         metrics = {"step": step}
+        line = ""
         if step % cfg.train.log_interval == 0 or step == cfg.train.iters:
             values = meter.summary(step)
             values["data_wait_fraction"] = data_wait / max(values["seconds_per_iter"] * cfg.train.log_interval, 1e-9)
             data_wait = 0.0
             metrics.update({f"train/{k}": v for k, v in values.items() if k != "eta_s"})
             metrics["data/skipped"] = _sum_over_ranks(meter.skipped, world, device)
-            if rank == 0:
-                print(ProgressMeter.line(step, cfg.train.iters, values), flush=True)
+            line = ProgressMeter.line(step, cfg.train.iters, values)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.iters:
             iou = _evaluate_sharded(method, cfg, data, device, rank, world)
             metrics["val/miou"] = iou.miou()
             metrics.update({f"val/iou/{name}": v for name, v in zip(cfg.data.names, iou.per_class())})
             metrics.update(_consistency_metrics(method, seen_draws, world))
-            if rank == 0:
-                print(f"step {step}: val mIoU {metrics['val/miou']:.2f}", flush=True)
+            line = f"{line or f'step {step}/{cfg.train.iters}'}  val mIoU {metrics['val/miou']:.2f}"
             if logger:
                 _log_evaluation(logger, method, cfg, data, device, iou.per_class(), step)
+        if line:
+            say(line)
         if logger:
             logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         if cfg.train.checkpoint_due(step):
             _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank, step)
         else:
             ray.train.report(metrics)
+
+
+def _console(loop_config: dict, rank: int):
+    """Rank 0's way to the user: the driver's progress board (see mkd_ray.console), which
+    prints each line once; stdout where a caller gave no board. Other ranks stay silent."""
+    board, run = loop_config.get("board"), loop_config.get("run_label", "")
+    if rank != 0:
+        return lambda text: None
+    if board is None:
+        return lambda text: print(text, flush=True)
+    return lambda text: board.post.remote(run, text)
 
 
 DIVERGED = "diverged"  # the report key that carries a divergence's message to the driver

@@ -5,15 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from mkd_ray import checkpoint as ckpt
-from mkd_ray import storage, tracking
+from mkd_ray import console, storage, tracking
+from mkd_ray.train.resources import RunResources, plan_run
 from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
 from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
@@ -28,13 +32,17 @@ def connect(address: Optional[str] = None) -> None:
     """Join the cluster at `address` (`auto`, `ray://...`, a GCS address). Without one, Ray's
     own lookup: RAY_ADDRESS (set inside a submitted job), then a cluster `ray start` left on
     this machine, else a new local instance bound to 127.0.0.1."""
+    console.quiet_ray()
     if ray.is_initialized():
         return
+    # Workers' and Ray's own output stays in the session's log files unless asked for: the
+    # driver prints each run's progress itself (mkd_ray.console).
+    quiet = {"log_to_driver": console.verbose(), "logging_level": "INFO" if console.verbose() else "WARNING"}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
         # The dashboard serves the State API that Ray Train uses to release finished placement groups.
-        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
 
 
 def latest_step(run_dir: str) -> int:
@@ -71,9 +79,21 @@ def fit_trainer(trainer: TorchTrainer) -> ray.train.Result:
         raise
 
 
+@dataclass
+class RunPlacement:
+    """Where a run's pieces go: its resources, the placement group reserved for its data
+    actors (see mkd_ray.train.resources), and the board its progress lines go to."""
+
+    resources: RunResources
+    placement_group: Optional[PlacementGroup] = None
+    board: Optional[ray.actor.ActorHandle] = None
+    label: str = ""
+
+
 def build_trainer(
-    cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: str, mlflow_run: Optional[dict] = None,
-    max_failures: int = 2, callbacks: tuple = (), initial_checkpoint: Optional[ray.train.Checkpoint] = None,
+    cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: str, placement: RunPlacement,
+    mlflow_run: Optional[dict] = None, max_failures: int = 2, callbacks: tuple = (),
+    initial_checkpoint: Optional[ray.train.Checkpoint] = None,
 ) -> TorchTrainer:
     """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here).
 
@@ -87,11 +107,13 @@ def build_trainer(
         # A factory: Ray Train calls it each time the worker group starts, so a group restarted
         # after a failure streams from its checkpoint's draw, not from the run's beginning.
         datasets["unlabeled"] = functools.partial(
-            _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step)
+            _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step,
+            placement.resources.data_actors, placement.placement_group)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "mlflow": mlflow_run,
-                           "initial_checkpoint": initial_checkpoint},
+                           "initial_checkpoint": initial_checkpoint, "board": placement.board,
+                           "run_label": placement.label},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -115,10 +137,12 @@ def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
         return int(ckpt.load_state(directory, mmap=True)["step"])
 
 
-def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int = 0):
+def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int, actors: int,
+                                      placement_group: Optional[PlacementGroup]):
     start = latest_step(run_dir) or initial_step
     per_step = draws_per_step(cfg)
-    return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step)
+    return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step,
+                             actors=actors, placement_group=placement_group)
 
 
 def _ordered_ingest():
@@ -155,11 +179,15 @@ def fit(
     ensure_synthetic(cfg)
     data = checked_data(cfg)  # every listed file exists and reads: fail here, before Ray starts
     _check_resumable(cfg, storage.join(storage.resolve(storage_path), name))
+    connect(address)
+    resources = plan_run(cfg, ray.cluster_resources())  # a run that cannot fit fails here, before anything starts
     logger = tracking.open_run(cfg, experiment or cfg.name, name)
     try:
-        connect(address)
-        mlflow_run = {"uri": tracking.tracking_uri(), "run_id": logger.run_id}
-        result = fit_trainer(build_trainer(cfg, data, name, storage_path, mlflow_run))
+        with reserved(resources, cfg.train.stall_timeout_s) as group:
+            placement = RunPlacement(resources, group, console.new_board())
+            mlflow_run = {"uri": tracking.tracking_uri(), "run_id": logger.run_id}
+            with console.Console(placement.board, cfg.train.stall_timeout_s, what=f"run {name}") as watch:
+                result = _fit_watched(build_trainer(cfg, data, name, storage_path, placement, mlflow_run), watch)
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as directory:
                 logger.file(Path(directory) / ckpt.FILENAME, "model")
@@ -168,6 +196,38 @@ def fit(
         raise
     tracking.close_run(logger)
     return result, logger.run_id
+
+
+def _fit_watched(trainer: TorchTrainer, watch: console.Console) -> ray.train.Result:
+    """`fit_trainer`, raising the console's Stalled error where its watch stopped the run."""
+    try:
+        result = fit_trainer(trainer)
+    except (KeyboardInterrupt, SystemExit, ray.train.TrainingFailedError, ray.exceptions.RayActorError):
+        if watch.stalled:
+            raise watch.stalled from None
+        raise
+    if watch.stalled:
+        raise watch.stalled
+    return result
+
+
+@contextmanager
+def reserved(resources: RunResources, timeout_s: float):
+    """The placement group of a `train` run's data actors (None where it has none), taken
+    before the workers start and released at the end; a reservation the cluster cannot grant
+    within the stall timeout is a Stalled error naming what waits."""
+    bundles = resources.reserved_bundles()
+    if not bundles:
+        yield None
+        return
+    group = placement_group(bundles, strategy="SPREAD")
+    try:
+        if not group.wait(timeout_s or None):
+            raise console.Stalled(f"the data actors' reservation ({resources.describe()}) was not granted in "
+                                  f"{timeout_s:g} s: {console.waiting_for_resources()}")
+        yield group
+    finally:
+        remove_placement_group(group)
 
 
 def evaluate_on_ray(state: dict, cfg: ExperimentConfig, address: Optional[str] = None,

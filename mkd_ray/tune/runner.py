@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 import ray
@@ -33,7 +32,9 @@ from mkd_ray import storage as storage_paths
 from mkd_ray import tracking
 from mkd_ray.config import ConfigError, ExperimentConfig, config_from_dict, with_absolute_paths
 from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
-from mkd_ray.train.trainer import build_trainer, checkpoint_step, connect, fit_trainer
+from mkd_ray.console import Console, Stalled, new_board, verbose
+from mkd_ray.train.resources import RunResources, plan_run, runs_that_fit
+from mkd_ray.train.trainer import RunPlacement, build_trainer, checkpoint_step, connect, fit_trainer
 from mkd_ray.tune.space import Sweep
 
 ROLE_TAG = "mkd_ray.role"  # "sweep" on the parent run, "trial" on each child
@@ -69,9 +70,12 @@ class CheckpointsToTune(UserCallback):
 
 
 def run_trial(sampled: dict, base: dict, base_data: ExperimentData, sweep_name: str, metric: str,
-              parent_run_id: str, experiment: str, uri: str, storage: str, pbt_interval: int = 0) -> None:
+              parent_run_id: str, experiment: str, uri: str, storage: str, resources: RunResources, board,
+              pbt_interval: int = 0) -> None:
     """One trial: the base config with the sampled values, trained by a TorchTrainer whose
     checkpoints live under `storage/<run name>` (so a restored sweep resumes the trial).
+    Its data actors run in the bundles Tune reserved for the trial together with this
+    function (see mkd_ray.train.resources); its progress lines go to the sweep's `board`.
     With `pbt_interval`, it checkpoints at each of PBT's decision steps and hands Tune each one.
     `base_data` is the base config's checked dataset, used unless the trial searches data keys."""
     trial_id = tune.get_context().get_trial_id()
@@ -83,11 +87,12 @@ def run_trial(sampled: dict, base: dict, base_data: ExperimentData, sweep_name: 
         "mlflow.parentRunId": parent_run_id, ROLE_TAG: "trial", SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
     })
     mlflow_run = {"uri": uri, "run_id": logger.run_id}
+    placement = RunPlacement(resources, ray.util.get_current_placement_group(), board, trial_id)
     try:
         if pbt_interval:
-            _train_for_pbt(cfg, data, sampled, trial_id, metric, storage, mlflow_run)
+            _train_for_pbt(cfg, data, sampled, trial_id, metric, storage, mlflow_run, placement)
         else:
-            fit_trainer(build_trainer(cfg, data, trial_id, storage, mlflow_run,
+            fit_trainer(build_trainer(cfg, data, trial_id, storage, placement, mlflow_run,
                                       callbacks=[EvaluationsToTune(metric)]))
     except SystemExit:  # Tune stopping or pausing the trial: the driver settles its run
         raise
@@ -98,7 +103,7 @@ def run_trial(sampled: dict, base: dict, base_data: ExperimentData, sweep_name: 
 
 
 def _train_for_pbt(cfg: ExperimentConfig, data: ExperimentData, sampled: dict, trial_id: str, metric: str,
-                   storage: str, mlflow_run: dict) -> None:
+                   storage: str, mlflow_run: dict, placement: RunPlacement) -> None:
     """Fit in a helper thread and report each checkpointed evaluation to Tune from this one.
 
     The run starts from Tune's checkpoint: this trial's own after a restored sweep, or the
@@ -115,7 +120,7 @@ def _train_for_pbt(cfg: ExperimentConfig, data: ExperimentData, sampled: dict, t
     values = {f"pbt/{k}": v for k, v in sampled.items() if isinstance(v, (int, float))}
     tracking.RunLogger(**mlflow_run).metrics({**values, "pbt/copied_from_other_trial": float(copied)}, step)
     reports = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, data, f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, mlflow_run,
+    trainer = build_trainer(cfg, data, f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, placement, mlflow_run,
                             callbacks=[CheckpointsToTune(metric, reports)], initial_checkpoint=start)
     failure: list[BaseException] = []
 
@@ -137,33 +142,24 @@ def _train_for_pbt(cfg: ExperimentConfig, data: ExperimentData, sampled: dict, t
 
 @dataclass
 class Plan:
-    """How many trials run at once, and the resources of each trial's driver."""
+    """How many trials run at once, and what each holds."""
 
     concurrency: int
-    trial_cpus: float
+    trial: RunResources
+
+    def trial_resources(self) -> tune.PlacementGroupFactory:
+        """Tune's request for a trial: its driver and its data actors, granted together or not
+        at all (the workers get a placement group of Ray Train's own, see mkd_ray.train.resources)."""
+        return tune.PlacementGroupFactory(self.trial.reserved_bundles(), strategy="SPREAD")
 
 
 def plan_resources(sweep: Sweep, cluster: dict) -> Plan:
-    """Fit whole trials into the cluster: each needs its driver, its training workers and at
-    least one Ray Data actor's CPUs free at once, or its stream (or its worker group) waits
-    forever. Concurrency counts the actor per worker that a trial takes where CPUs are free
-    (`data.ray_data`), so that those actors do not take the CPUs planned for another trial."""
-    s, t = sweep.base.scaling, sweep.tune
-    workers = max(s.num_workers, 1)
-    need = t.trial_driver_cpus + workers * s.cpus_per_worker + s.data_cpus
-    cpus = cluster.get("CPU", 0)
-    if need > cpus + 1e-9:
-        raise ConfigError("scaling", f"one trial needs {need:g} CPUs (driver {t.trial_driver_cpus:g} + {workers} x "
-                          f"cpus_per_worker {s.cpus_per_worker:g} + data_cpus {s.data_cpus:g}); the cluster has {cpus:g}")
-    with_an_actor_per_worker = need + (workers - 1) * s.data_cpus
-    fits = max(1, math.floor((cpus + 1e-9) / with_an_actor_per_worker))
-    if s.use_gpu:
-        gpus = cluster.get("GPU", 0)
-        if gpus < workers:
-            raise ConfigError("scaling.use_gpu", f"one trial needs {workers} GPUs; the cluster has {gpus:g}")
-        fits = min(fits, math.floor(gpus / workers))
-    concurrency = min(fits, t.max_concurrent_trials) if t.max_concurrent_trials else fits
-    return Plan(max(concurrency, 1), t.trial_driver_cpus)
+    """Admit only as many trials as fit whole: each trial's driver, workers and data actors
+    (one per worker, as far as the CPUs go) against the cluster's CPUs (and GPUs)."""
+    trial = plan_run(sweep.base, cluster, driver_cpus=sweep.tune.trial_driver_cpus)
+    fits = runs_that_fit(trial, cluster)
+    limit = sweep.tune.max_concurrent_trials
+    return Plan(min(fits, limit) if limit else fits, trial)
 
 
 def _scheduler(sweep: Sweep):
@@ -195,14 +191,17 @@ def _clip_to_space(config: dict, space: dict) -> dict:
 
 def _search(sweep: Sweep, concurrency: int):
     """The search algorithm, limited to `concurrency` trials in flight (Tune applies
-    max_concurrent_trials only to Searchers; the random generator takes its own limit)."""
+    max_concurrent_trials only to Searchers; the random generator takes its own limit). Its
+    first trial is the default configuration, where that lies in the space."""
     t = sweep.tune
+    default = default_values(sweep)
+    first = [default] if default and not any(dim.kind == "grid" for dim in sweep.space.values()) else None
     if t.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=concurrency)
-    return tune.search.BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+        return ConcurrencyLimiter(OptunaSearch(seed=t.seed, points_to_evaluate=first), max_concurrent=concurrency)
+    return tune.search.BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency, points_to_evaluate=first)
 
 
 def _open_parent(sweep: Sweep, experiment: str, name: str, uri: str) -> str:
@@ -239,6 +238,8 @@ class SweepSummary:
     best_config: Optional[dict]
     seconds: float
     path: str
+    default: Optional[dict]  # the searched keys' default values, where the sweep evaluated them
+    iters: int  # a trial's full budget
 
 
 _CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
@@ -274,12 +275,16 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
     _keep_credentials_out_of_trial_runtime_envs()
     try:
         connect(address)
-        plan = plan_resources(sweep, ray.cluster_resources())
+        plan = plan_resources(sweep, ray.cluster_resources())  # a trial that cannot fit fails here
+        board = new_board()
         trainable = tune.with_resources(
             functools.partial(run_trial, base=base, base_data=base_data, sweep_name=name, metric=sweep.tune.metric,
                               parent_run_id=parent_id, experiment=experiment, uri=uri,
-                              storage=storage_paths.join(sweep_dir, "trials"), pbt_interval=pbt_interval(sweep)),
-            {"CPU": plan.trial_cpus})
+                              storage=storage_paths.join(sweep_dir, "trials"), resources=plan.trial, board=board,
+                              pbt_interval=pbt_interval(sweep)),
+            plan.trial_resources())
+        watch = Console(board, sweep.base.train.stall_timeout_s, label=lambda trial: f"[{_short(trial)}] ",
+                        what=f"sweep {name}")
         if resume:
             tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -290,26 +295,103 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
                     metric=sweep.tune.metric, mode=sweep.tune.mode, scheduler=_scheduler(sweep),
                     search_alg=_search(sweep, plan.concurrency), num_samples=sweep.tune.num_samples,
                     time_budget_s=sweep.tune.time_budget_s or None),
-                run_config=tune.RunConfig(name=name, storage_path=storage,
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=2 if verbose() else 0,
+                                          callbacks=[SweepStatus(sweep, watch.say)],
                                           failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
                                           # PBT may copy any live trial's checkpoint a while after
                                           # it was reported: keep them all.
                                           checkpoint_config=tune.CheckpointConfig(
                                               num_to_keep=None if sweep.tune.scheduler == "pbt" else 2)),
             )
-        print(f"sweep {name}: {sweep.tune.num_samples} trials, up to {plan.concurrency} at once, "
-              f"{sweep.tune.scheduler} + {sweep.tune.search}; MLflow parent run {parent_id}", flush=True)
-        grid = tuner.fit()
-        table = _trial_table(grid, sweep, client, experiment, name)
+        print(f"sweep {name}: {sweep.tune.num_samples} trials, up to {plan.concurrency} at once, each "
+              f"{plan.trial.describe()} CPUs; {sweep.tune.scheduler} + {sweep.tune.search}; "
+              f"MLflow parent run {parent_id}", flush=True)
+        with watch:
+            grid = tuner.fit()
+        failure = str(watch.stalled) if watch.stalled else None
+        table = _trial_table(grid, sweep, client, experiment, name, failure)
         best = _best_config(table, sweep, base)
-        _finish_parent(client, parent_id, table, best, sweep.tune.metric)
+        if best is not None:
+            storage_paths.write_bytes(storage_paths.join(sweep_dir, "best_config.yaml"),
+                                      yaml.safe_dump(best, sort_keys=False).encode())
+        _finish_parent(client, parent_id, table, best, sweep.tune.metric, failure)
     except BaseException as exc:
         tracking.close_run(tracking.RunLogger(uri, parent_id), exc)
         raise
-    return SweepSummary(parent_id, table, best, time.perf_counter() - started, str(sweep_dir))
+    if watch.stalled:
+        raise Stalled(f"{watch.stalled}; the sweep's state is saved: continue it with --resume --name {name}")
+    return SweepSummary(parent_id, table, best, time.perf_counter() - started, str(sweep_dir),
+                        default_values(sweep), sweep.base.train.iters)
 
 
-def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name: str) -> pd.DataFrame:
+def _short(trial_id: str) -> str:
+    """`0e541_00003` -> `trial 00003`: the sweep's trials share the prefix."""
+    return f"trial {trial_id.rsplit('_', 1)[-1]}"
+
+
+class SweepStatus(tune.Callback):
+    """The sweep's own console in the driver (Tune's is off unless --verbose): a line when a
+    trial starts, ends or fails, and a short status table every `every_s` seconds."""
+
+    def __init__(self, sweep: Sweep, say: Callable[[str], None] = print, every_s: float = 120.0):
+        self.metric, self.iters, self.keys, self.every_s = sweep.tune.metric, sweep.base.train.iters, list(sweep.space), every_s
+        self.say = say
+        self.default = default_values(sweep)
+        self._last_table = time.monotonic()
+
+    def __getstate__(self) -> dict:
+        # Tune saves its callbacks with the sweep's state; the console lives in this driver only
+        # (a resumed sweep prints its events directly).
+        return {**self.__dict__, "say": print}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        values = {k: trial.config.get(k) for k in self.keys}
+        note = " (the default configuration)" if self.default and values == self.default else ""
+        self.say(f"[{_short(trial.trial_id)}] started{note}: " + "  ".join(
+            f"{k.split('.')[-1]}={_fmt(v)}" for k, v in values.items()))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        step = int(result.get("step", 0))
+        how = "finished" if step >= self.iters else f"stopped early by the scheduler at step {step}"
+        score = f": {self.metric} {result[self.metric]:.2f}" if self.metric in result else ""
+        self.say(f"[{_short(trial.trial_id)}] {how}{score}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.say(f"[{_short(trial.trial_id)}] failed; its error is in {trial.path or 'its trial folder'}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._last_table < self.every_s:
+            return
+        self._last_table = time.monotonic()
+        counts = pd.Series([t.status.lower() for t in trials]).value_counts()
+        rows = [f"  {_short(t.trial_id):>12}  {t.status.lower():<10} step {int((t.last_result or {}).get('step', 0)):>6}"
+                f"  {self.metric} {_fmt((t.last_result or {}).get(self.metric))}" for t in trials
+                if t.status in ("RUNNING", "TERMINATED", "ERROR")]
+        self.say("status: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n" + "\n".join(rows))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def default_values(sweep: Sweep) -> Optional[dict]:
+    """The base configuration's value of each searched key, where every one lies in its
+    searched range (then the sweep evaluates it first, as a baseline at the same budget)."""
+    values = {key: _dotted(sweep.base_tree, key) for key in sweep.space}
+    return values if all(dim.contains(values[key]) for key, dim in sweep.space.items()) else None
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name: str,
+                 failure: Optional[str] = None) -> pd.DataFrame:
     """One row per trial: its (last) hyperparameters, the step Tune last saw, its best and last
     metric from its MLflow run (PBT's restarts truncate Tune's own result files) and its
     outcome; the trials' MLflow runs are closed to match (Tune ends a trial's process at its
@@ -337,7 +419,9 @@ def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name
                      **{key: trial.config.get(key) for key in sweep.space},
                      "mlflow_run_id": run.info.run_id if run else None})
         if run is not None:
-            _close_trial_run(client, run, status, steps, result.error if result is not None else None)
+            error = result.error if result is not None else None
+            _close_trial_run(client, run, status, steps, error, history[-1].timestamp if history else None,
+                             failure if status == "unfinished" else None)
     table = pd.DataFrame(rows)
     if len(table):
         table = table.sort_values(f"best {metric}", ascending=sweep.tune.mode == "min", na_position="last")
@@ -354,13 +438,20 @@ def _results_by_trial(grid, trials) -> list:
     return [by_path.get(Path(trial.path).name) if trial.path else None for trial in trials]
 
 
-def _close_trial_run(client: MlflowClient, run, status: str, steps: int, error) -> None:
+def _close_trial_run(client: MlflowClient, run, status: str, steps: int, error, last_logged_ms: Optional[int],
+                     failure: Optional[str]) -> None:
+    """Close a trial's run with its outcome, ending when the trial last logged (Tune ends a
+    stopped trial's process before it could close its run; closing it now would stretch its
+    duration to the sweep's end). `failure`: why an unfinished trial's sweep stopped."""
     tags = [RunTag(STOPPED_EARLY_TAG, f"true (at step {steps})" if status == "stopped early" else "false"),
             RunTag("mkd_ray.outcome", status)]
-    if error is not None and "failure_reason" not in run.data.tags:
-        tags.append(RunTag("failure_reason", f"{type(error).__name__}: {error}"[:5000]))
+    reason = failure or (f"{type(error).__name__}: {error}" if error is not None else None)
+    if reason and "failure_reason" not in run.data.tags:
+        tags.append(RunTag("failure_reason", reason[:5000]))
     client.log_batch(run.info.run_id, tags=tags)
-    client.set_terminated(run.info.run_id, RunStatus.to_string(_RUN_STATUS[status]))
+    state = RunStatus.FAILED if failure else _RUN_STATUS[status]
+    ended = last_logged_ms if status in ("completed", "stopped early") else None
+    client.set_terminated(run.info.run_id, RunStatus.to_string(state), end_time=ended)
 
 
 def _best_config(table: pd.DataFrame, sweep: Sweep, base: dict) -> Optional[dict]:
@@ -371,9 +462,11 @@ def _best_config(table: pd.DataFrame, sweep: Sweep, base: dict) -> Optional[dict
     return config_from_dict(base, {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}).to_dict()
 
 
-def _finish_parent(client: MlflowClient, parent_id: str, table: pd.DataFrame, best: Optional[dict], metric: str) -> None:
+def _finish_parent(client: MlflowClient, parent_id: str, table: pd.DataFrame, best: Optional[dict], metric: str,
+                   failure: Optional[str] = None) -> None:
     """Results table, best config and counts on the sweep's run; FINISHED, or KILLED (tagged
-    `interrupted`) when trials are left for `--resume`."""
+    `interrupted`) when trials are left for `--resume`, or FAILED with the reason when the
+    sweep stalled."""
     buffer = io.StringIO()
     table.to_csv(buffer, index=False)
     client.log_text(parent_id, buffer.getvalue(), "results.csv")
@@ -388,5 +481,8 @@ def _finish_parent(client: MlflowClient, parent_id: str, table: pd.DataFrame, be
         if top["mlflow_run_id"]:
             tags.append(RunTag("best_run_id", str(top["mlflow_run_id"])))
         client.log_metric(parent_id, f"best/{metric}", float(top[f"best {metric}"]))
+    if failure:
+        tags.append(RunTag("failure_reason", failure[:5000]))
     client.log_batch(parent_id, tags=tags)
-    client.set_terminated(parent_id, RunStatus.to_string(RunStatus.KILLED if unfinished else RunStatus.FINISHED))
+    state = RunStatus.FAILED if failure else RunStatus.KILLED if unfinished else RunStatus.FINISHED
+    client.set_terminated(parent_id, RunStatus.to_string(state))

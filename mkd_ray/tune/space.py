@@ -121,6 +121,15 @@ class Dimension:
             value = round(value / self.args[2]) * self.args[2]
         return int(value) if self.kind == "randint" else value
 
+    def contains(self, value) -> bool:
+        """Whether the distribution can produce `value`."""
+        if self.kind in ("choice", "grid"):
+            return value in self.args
+        if not _is_number(value):
+            return False
+        lo, hi = self.extremes()
+        return lo <= value <= hi
+
     def describe(self) -> str:
         return f"{self.kind} {list(self.args)}"
 

@@ -1,0 +1,186 @@
+"""What `train` and `tune` print, and the watch that turns a stalled run into an error.
+
+Training workers do not print: rank 0 posts each progress line to a `ProgressBoard` actor,
+and the driver prints them, once, with the run's label. Ray's own logs stay in its session
+files unless `--verbose` (or MKD_RAY_VERBOSE=1) asks for them on the console. The same board
+tells the driver when any run last made progress; after `train.stall_timeout_s` without any,
+the driver interrupts itself (as Ctrl-C would, so Tune saves a resumable state and Ray Train
+aborts its workers) and raises `Stalled`, naming what waits for which resources.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from typing import Callable, Optional
+
+VERBOSE_ENV = "MKD_RAY_VERBOSE"
+_POLL_S = 2.0
+_ABORT_GRACE_S = 30.0
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Keep MLflow's and Ray's informational driver logs off the console (they still reach
+    their own log files); `--verbose` leaves them as the libraries set them."""
+    if verbose():
+        return
+    for name in ("mlflow", "alembic", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow configures its loggers
+    # A local cluster turns token authentication on by default and says so at every start.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Tune's own terminal output (its experiment banner prints at any verbosity); the sweep
+    # prints its own lines (tune.runner.SweepStatus).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def quiet_ray() -> None:
+    """Once Ray is imported (it sets its own levels and warning filters): its driver-side
+    loggers at WARNING, and no warning about the option Ray Train's data ingest sets and Ray
+    Data has deprecated (nothing a user can act on)."""
+    if verbose():
+        return
+    warnings.filterwarnings("ignore", message=r".*exclude_resources. is deprecated")
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith("ray."):
+            logger = logging.getLogger(name)
+            if logger.level and logger.level < logging.WARNING:
+                logger.setLevel(logging.WARNING)
+
+
+class Stalled(RuntimeError):
+    """No run made progress for the stall timeout; the message says what waits for what."""
+
+
+class ProgressBoard:
+    """Lines posted by the runs' rank-0 workers, collected until the driver drains them (an
+    actor: see `new_board`)."""
+
+    def __init__(self):
+        self._lines: list[tuple[str, str]] = []
+        self._last_progress = time.monotonic()
+
+    def post(self, run: str, text: str) -> None:
+        self._lines.append((run, text))
+        self._last_progress = time.monotonic()
+
+    def drain(self) -> tuple[list[tuple[str, str]], float]:
+        """The lines posted since the last call, and seconds since the last progress."""
+        lines, self._lines = self._lines, []
+        return lines, time.monotonic() - self._last_progress
+
+
+def new_board():
+    """A ProgressBoard actor that holds no CPU (Ray is imported only by the commands that use it)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+
+
+class Console:
+    """Prints the board's lines from a driver thread and watches for a stall."""
+
+    def __init__(self, board, stall_timeout_s: float, label: Callable[[str], str] = lambda run: "",
+                 what: str = "the run"):
+        self.board, self.stall_timeout_s, self.label, self.what = board, stall_timeout_s, label, what
+        self.stalled: Optional[Stalled] = None
+        self._printing = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="mkd-console", daemon=True)
+
+    def __enter__(self) -> "Console":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.say()
+
+    def say(self, text: Optional[str] = None) -> None:
+        """Print what the board holds so far, then `text`: an event (a trial ending) comes
+        after the progress lines that led to it."""
+        with self._printing:
+            self._print(self._drain()[0])
+            if text is not None:
+                print(text, flush=True)
+
+    def _drain(self) -> tuple[list, float]:
+        import ray
+
+        try:
+            return ray.get(self.board.drain.remote(), timeout=30)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            return [], 0.0
+
+    def _print(self, lines) -> None:
+        for run, text in lines:
+            print(f"{self.label(run)}{text}", flush=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_POLL_S):
+            with self._printing:
+                lines, idle = self._drain()
+                self._print(lines)
+            if self.stall_timeout_s and idle > self.stall_timeout_s:
+                self.stalled = Stalled(
+                    f"{self.what} made no progress for {idle:.0f} s (train.stall_timeout_s={self.stall_timeout_s:g}): "
+                    f"{waiting_for_resources()}. Free CPUs for what waits (lower scaling.num_workers, "
+                    "scaling.cpus_per_worker, scaling.data_cpus or tune.max_concurrent_trials), or raise "
+                    "train.stall_timeout_s if a log interval is just slow")
+                self._interrupt_main()
+                return
+
+    def _interrupt_main(self) -> None:
+        """As a user would: Ctrl-C (Tune saves its state and stops, Train aborts its workers),
+        and twice more if the driver is still busy after a grace period (Ray Train's forced
+        abort: its graceful one waits for a controller that may be blocked on resources)."""
+        _thread.interrupt_main(signal.SIGINT)
+        if self._stop.wait(_ABORT_GRACE_S):
+            return
+        for _ in range(2):
+            _thread.interrupt_main(signal.SIGINT)
+            if self._stop.wait(1.0):
+                return
+
+
+def waiting_for_resources() -> str:
+    """What the cluster cannot schedule (placement groups, actors) and what is free."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    waits = []
+    try:
+        from ray.util.state import list_actors, list_placement_groups
+
+        for group in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, timeout=10):
+            need = _sum_resources(bundle.get("unit_resources", {}) for bundle in group.bundles or [])
+            waits.append(f"placement group {group.name or group.placement_group_id[:8]} waits for {_format(need)}")
+        for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, timeout=10):
+            waits.append(f"actor {actor.class_name} waits for {_format(actor.required_resources or {})}")
+    except Exception as exc:  # the State API is a diagnosis aid: its failure must not hide the stall
+        waits.append(f"(Ray's state API did not answer: {type(exc).__name__})")
+    found = "; ".join(waits) if waits else "nothing waits for resources (a step or an evaluation is slow or hung)"
+    return f"{found}; free {free.get('CPU', 0.0):g} of {total.get('CPU', 0.0):g} CPUs"
+
+
+def _sum_resources(bundles) -> dict:
+    total: dict = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def _format(resources: dict) -> str:
+    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU")} or resources
+    return ", ".join(f"{v:g} {k}" for k, v in shown.items()) or "no resources"
