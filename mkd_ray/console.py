@@ -69,9 +69,11 @@ class ProgressBoard:
         self._lines: list[tuple[str, str]] = []
         self._last_progress = time.monotonic()
 
-    def post(self, run: str, text: str) -> None:
+    def post(self, run: str, text: str, progress: bool = True) -> None:
+        """A line for the console; `progress=False` for a warning, which is not progress."""
         self._lines.append((run, text))
-        self._last_progress = time.monotonic()
+        if progress:
+            self._last_progress = time.monotonic()
 
     def drain(self) -> tuple[list[tuple[str, str]], float]:
         """The lines posted since the last call, and seconds since the last progress."""

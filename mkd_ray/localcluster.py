@@ -79,3 +79,29 @@ def local_cluster(nodes: int = 2, cpus_per_node: float = 1, pin_cores: bool = Fa
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=180)
         for directory in temp_dirs:  # sessions' logs and the cluster's token
             shutil.rmtree(directory, ignore_errors=True)
+
+
+_HOLDER = """
+import sys, time, ray
+from ray.util.placement_group import placement_group
+ray.init(address=sys.argv[1], log_to_driver=False)
+group = placement_group([{"CPU": float(sys.argv[2])}])
+group.wait(60)
+print("held", flush=True)
+time.sleep(3600)
+"""
+
+
+@contextmanager
+def cpus_held_by_another_driver(cluster: LocalCluster, cpus: float) -> Iterator[None]:
+    """A placement group of `cpus` CPUs held by another driver for as long as the block runs:
+    another tenant, or a finished run's placement group that Ray has not released yet."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, cluster.gcs, str(cpus)], stdout=subprocess.PIPE,
+                              text=True, env=cluster.env)
+    try:
+        if holder.stdout.readline().strip() != "held":
+            raise RuntimeError(f"could not hold {cpus:g} CPUs on {cluster.gcs}")
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)

@@ -8,14 +8,13 @@ import re
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mkd_ray.localcluster import local_cluster
+from mkd_ray.localcluster import cpus_held_by_another_driver, local_cluster
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.ray
@@ -37,30 +36,6 @@ def env(cluster, tmp_path):
     return {**cluster.env, "MLFLOW_TRACKING_URI": uri}
 
 
-_HOLDER = """
-import sys, time, ray
-from ray.util.placement_group import placement_group
-ray.init(address=sys.argv[1], log_to_driver=False)
-group = placement_group([{"CPU": float(sys.argv[2])}])
-group.wait(60)
-print("held", flush=True)
-time.sleep(3600)
-"""
-
-
-@contextmanager
-def cpus_held_by_another_tenant(cluster, cpus: float):
-    """A placement group of `cpus` CPUs held by another driver for as long as the block runs."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, cluster.gcs, str(cpus)], stdout=subprocess.PIPE,
-                              text=True, env=cluster.env)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        yield
-    finally:
-        holder.kill()
-        holder.wait(timeout=60)
-
-
 def _sets(overrides) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
@@ -75,7 +50,7 @@ def test_a_sweep_completes_with_its_slack_taken_and_prints_each_line_once(cluste
         "space": {"method.tau_t": {"uniform": [0.8, 0.95]}},
         "tune": {"scheduler": "asha", "grace_period": 4, "num_samples": 3}}))
     summary = tmp_path / "summary.json"
-    with cpus_held_by_another_tenant(cluster, 0.5):
+    with cpus_held_by_another_driver(cluster, 0.5):
         proc = subprocess.run([sys.executable, "run.py", "tune", "--space", str(space), *_sets(tiny_overrides + TINY_RUN),
                                "--storage", str(tmp_path / "runs"), "--name", "slack", "--experiment", "slack",
                                "--address", cluster.gcs, "--summary", str(summary)],
@@ -128,7 +103,7 @@ def _failed_run(name: str):
 ], ids=["data-stream", "workers"])
 def test_a_run_that_cannot_get_its_cpus_stops_with_an_error_naming_what_waits(cluster, env, tiny_overrides, tmp_path,
                                                                                held, waiting):
-    with cpus_held_by_another_tenant(cluster, held):
+    with cpus_held_by_another_driver(cluster, held):
         proc, seconds = _train(cluster, env, tiny_overrides, tmp_path, "stalled", "train.stall_timeout_s=20")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]

@@ -30,8 +30,11 @@ class _ViewMaker:
     and spent seconds importing torch and validating the config before its first image.
     An actor does that once and keeps the dataset."""
 
-    def __init__(self, refs: list[SampleRef], config: dict, seed: int):
-        self.dataset, self.size, self.seed = TrainSet(refs, config_from_dict(config), labeled=False), len(refs), seed
+    def __init__(self, refs: list[SampleRef], config: dict, seed: int, board=None, run_label: str = ""):
+        # A skipped image is the user's business: it goes to the console through the run's board.
+        warn = (lambda text: board.post.remote(run_label, text, progress=False)) if board is not None else None
+        self.dataset = TrainSet(refs, config_from_dict(config), labeled=False, warn=warn)
+        self.size, self.seed = len(refs), seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         draws = np.concatenate([np.arange(f, f + c, dtype=np.int64) for f, c in zip(batch["first"], batch["count"])])
@@ -45,10 +48,11 @@ class _ViewMaker:
 
 
 def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: int, num_draws: int,
-                      actors: int = 1, placement_group=None) -> "ray.data.Dataset":
+                      actors: int = 1, placement_group=None, board=None, run_label: str = "") -> "ray.data.Dataset":
     """Draws [start_draw, start_draw + num_draws) of the unlabeled stream, decoded and augmented
     by a fixed pool of `actors` actors, placed in `placement_group`'s bundles where given (the
-    run's reservation, see mkd_ray.train.resources), so they never wait for free CPUs.
+    run's reservation, see mkd_ray.train.resources), so they never wait for free CPUs; they
+    report unreadable images to the run's progress `board` (mkd_ray.console) where given.
 
     The source is a list of small draw ranges built in this process (`from_items`), not
     `ray.data.range` or `from_numpy`, whose read and conversion tasks each hold a whole CPU:
@@ -74,6 +78,7 @@ def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: 
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.scaling.data_cpus,
-        fn_constructor_kwargs={"refs": list(refs), "config": cfg.to_dict(), "seed": unlabeled_seed(cfg)},
+        fn_constructor_kwargs={"refs": list(refs), "config": cfg.to_dict(), "seed": unlabeled_seed(cfg),
+                               "board": board, "run_label": run_label},
         **placement,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -58,9 +58,12 @@ def labeled_seed(cfg: ExperimentConfig, rank: int = 0) -> int:
 
 
 class TrainSet(Dataset):
-    def __init__(self, refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool):
+    def __init__(self, refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool,
+                 warn: Optional[Callable[[str], None]] = None):
         self.refs, self.cfg, self.labeled = refs, cfg, labeled
         self.stream = 0 if labeled else 1
+        # Where a skipped image is reported: this process's log, or the user's console.
+        self.warn = warn or _log.warning
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -77,7 +80,7 @@ class TrainSet(Dataset):
             try:
                 sample = self._views(epoch, position)
             except DatasetError as exc:
-                _log.warning("skipping unlabeled sample: %s", exc)
+                self.warn(f"warning: skipping unlabeled sample: {exc}")
                 continue
             sample["skipped"] = np.int64(skipped)
             return sample

@@ -108,7 +108,7 @@ def build_trainer(
         # after a failure streams from its checkpoint's draw, not from the run's beginning.
         datasets["unlabeled"] = functools.partial(
             _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step,
-            placement.resources.data_actors, placement.placement_group)
+            placement)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "mlflow": mlflow_run,
@@ -137,12 +137,13 @@ def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
         return int(ckpt.load_state(directory, mmap=True)["step"])
 
 
-def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int, actors: int,
-                                      placement_group: Optional[PlacementGroup]):
+def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int,
+                                      placement: RunPlacement):
     start = latest_step(run_dir) or initial_step
     per_step = draws_per_step(cfg)
     return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step,
-                             actors=actors, placement_group=placement_group)
+                             actors=placement.resources.data_actors, placement_group=placement.placement_group,
+                             board=placement.board, run_label=placement.label)
 
 
 def _ordered_ingest():
