@@ -150,9 +150,7 @@ def _print_train_summary(summary: dict, cfg, experiment: str) -> None:
     if summary.get("val/miou") is None:
         return
     print(f"final val mIoU {summary['val/miou']:.2f} ({cfg.eval.model}, {cfg.eval.mode})")
-    for name in cfg.data.names:
-        if f"val/iou/{name}" in summary:
-            print(f"  {name:>16s} {summary[f'val/iou/{name}']:6.2f}")
+    _print_class_ious(summary, cfg.data.names)
     print(f"checkpoint: {summary.get('checkpoint')}")
     if summary.get("mlflow_run_id"):
         from mkd_ray.tracking import tracking_uri
@@ -161,6 +159,13 @@ def _print_train_summary(summary: dict, cfg, experiment: str) -> None:
               f"mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
     else:
         print("not recorded in MLflow (--local runs record nothing; train without --local to record a run)")
+
+
+def _print_class_ious(metrics: dict, names: list[str]) -> None:
+    """One line per class with its `val/iou/<class>`, as `train` and `eval` end."""
+    for name in names:
+        if f"val/iou/{name}" in metrics:
+            print(f"  {name:>16s} {metrics[f'val/iou/{name}']:6.2f}")
 
 
 def cmd_eval(args) -> int:
@@ -196,8 +201,7 @@ def cmd_eval(args) -> int:
         for name, png in predictions.items():
             (args.save_predictions / f"{name}.png").write_bytes(png)
     print(f"val mIoU {result['val/miou']:.2f} ({cfg.eval.mode}, {cfg.eval.model}, step {result['step']})")
-    for name in cfg.data.names:
-        print(f"  {name:>16s} {result[f'val/iou/{name}']:6.2f}")
+    _print_class_ious(result, cfg.data.names)
     if args.summary:
         args.summary.write_text(json.dumps({**result, "checkpoint": str(args.checkpoint)}, indent=2))
     return 0

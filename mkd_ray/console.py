@@ -29,15 +29,13 @@ def verbose() -> bool:
 
 
 def quiet_libraries() -> None:
-    """Keep MLflow's and Ray's informational driver logs off the console (they still reach
-    their own log files); `--verbose` leaves them as the libraries set them."""
+    """Keep MLflow's informational logs and Tune's tables off the console (Ray's driver logs:
+    `quiet_ray`, once Ray is imported); `--verbose` leaves them as the libraries set them."""
     if verbose():
         return
-    for name in ("mlflow", "alembic", "ray"):
+    for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow configures its loggers
-    # A local cluster turns token authentication on by default and says so at every start.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Tune's own terminal output (its experiment banner prints at any verbosity); the sweep
     # prints its own lines (tune.runner.SweepStatus).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -55,6 +53,8 @@ def quiet_ray() -> None:
             logger = logging.getLogger(name)
             if logger.level and logger.level < logging.WARNING:
                 logger.setLevel(logging.WARNING)
+    # A local cluster turns token authentication on by default and says so at every start.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 class Stalled(RuntimeError):

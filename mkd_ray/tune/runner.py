@@ -380,14 +380,9 @@ def _fmt(value) -> str:
 def default_values(sweep: Sweep) -> Optional[dict]:
     """The base configuration's value of each searched key, where every one lies in its
     searched range (then the sweep evaluates it first, as a baseline at the same budget)."""
-    values = {key: _dotted(sweep.base_tree, key) for key in sweep.space}
+    flat = sweep.base.flat()
+    values = {key: flat[key] for key in sweep.space}
     return values if all(dim.contains(values[key]) for key, dim in sweep.space.items()) else None
-
-
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
 
 
 def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name: str,
