@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import yaml
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from mkd_ray.config import ExperimentConfig
@@ -58,8 +60,6 @@ class RunLogger:
     def image(self, image: np.ndarray, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file)
 
-    def file(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
 def _finite(value) -> bool:
@@ -142,9 +142,37 @@ def overlay_grid(images: np.ndarray, preds: np.ndarray, masks: np.ndarray, palet
 
 
 
+MODEL_FILES = ("state.pt", "config.yaml")  # the checkpoint (weights-only loadable) and its config
+
+
+def log_final_model(logger: RunLogger, checkpoint_file: Path, cfg: ExperimentConfig, step: int) -> str:
+    """The run's final weights as an MLflow logged model (MLflow 3's Models tab), linked to the
+    run as its output at `step`: the checkpoint file and the config. The run holds its metrics
+    (logging them again for the model would add a second point to the run's histories).
+    Returns the model id."""
+    client = logger.client
+    run = client.get_run(logger.run_id)
+    model = client.create_logged_model(
+        run.info.experiment_id, name=cfg.name, source_run_id=logger.run_id, model_type="semantic-segmentation",
+        tags={"dataset": cfg.data.dataset, "method": cfg.method.name, "backbone": cfg.model.backbone})
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(checkpoint_file, Path(tmp) / MODEL_FILES[0])
+        (Path(tmp) / MODEL_FILES[1]).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(logger.run_id, [LoggedModelOutput(model.model_id, step)])
+    return model.model_id
+
+
 def download_checkpoint(run_id: str, destination: Path, uri: Optional[str] = None) -> Path:
-    """The final model (`model/state.pt`) logged with an MLflow run."""
+    """The final checkpoint of an MLflow run: its logged model's, or the `model/state.pt`
+    artifact of a run recorded before runs logged models."""
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/state.pt",
-                                                    dst_path=str(destination), tracking_uri=uri or tracking_uri()))
+    uri = uri or tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    outputs = client.get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    source = (f"{client.get_logged_model(models[-1].model_id).artifact_location}/{MODEL_FILES[0]}" if models
+              else f"runs:/{run_id}/model/state.pt")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination), tracking_uri=uri))

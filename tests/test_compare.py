@@ -85,3 +85,18 @@ def test_experiments_open_in_the_model_training_view(tmp_path):
         open_run(ExperimentConfig(), experiment, "run", uri)
         assert client.get_experiment_by_name(experiment).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert client.get_experiment_by_name("made-before").experiment_id == older
+
+
+def test_the_final_model_is_a_logged_model_that_eval_by_run_id_downloads(tmp_path):
+    from mkd_ray.config import ExperimentConfig
+    from mkd_ray.tracking import download_checkpoint, log_final_model, open_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = open_run(ExperimentConfig(name="final"), "final", "run", uri)
+    weights = tmp_path / "state.pt"
+    weights.write_bytes(b"checkpoint bytes")
+    model_id = log_final_model(logger, weights, ExperimentConfig(name="final"), step=30)
+    client = MlflowClient(tracking_uri=uri)
+    assert [(o.model_id, o.step) for o in client.get_run(logger.run_id).outputs.model_outputs] == [(model_id, 30)]
+    assert str(client.get_logged_model(model_id).status) == "READY"
+    assert download_checkpoint(logger.run_id, tmp_path / "down", uri).read_bytes() == b"checkpoint bytes"

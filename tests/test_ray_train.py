@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+import yaml
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -119,7 +120,15 @@ def _check_mlflow_run(run_id, metrics):
     assert client.get_metric_history(run_id, "val/miou")[-1].value == pytest.approx(metrics["val/miou"])
     assert len(client.get_metric_history(run_id, "val/iou/background")) == 1
     names = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert {"config.yaml", "eval/iou_step_00000006.csv", "eval/overlay_step_00000006.png", "model"} <= names
+    assert {"config.yaml", "eval/iou_step_00000006.csv", "eval/overlay_step_00000006.png"} <= names
+    # The final weights are the run's logged model (MLflow 3's Models), with their config.
+    outputs = run.outputs.model_outputs
+    assert [o.step for o in outputs] == [6]
+    model = client.get_logged_model(outputs[0].model_id)
+    assert model.source_run_id == run_id and str(model.status) == "READY"
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert files == {"state.pt", "config.yaml"}
+    assert yaml.safe_load(mlflow.artifacts.load_text(f"{model.artifact_location}/config.yaml"))["name"] == runs[0].data.params["name"]
     table = mlflow.artifacts.load_text(f"runs:/{run_id}/eval/iou_step_00000006.csv")
     assert table.splitlines()[0] == "class,iou" and len(table.splitlines()) == 6
 

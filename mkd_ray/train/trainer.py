@@ -191,7 +191,7 @@ def fit(
                 result = _fit_watched(build_trainer(cfg, data, name, storage_path, placement, mlflow_run), watch)
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as directory:
-                logger.file(Path(directory) / ckpt.FILENAME, "model")
+                tracking.log_final_model(logger, Path(directory) / ckpt.FILENAME, cfg, int(result.metrics["step"]))
     except BaseException as exc:
         tracking.close_run(logger, exc)
         raise
