@@ -153,10 +153,10 @@ def _print_train_summary(summary: dict, cfg, experiment: str) -> None:
     _print_class_ious(summary, cfg.data.names)
     print(f"checkpoint: {summary.get('checkpoint')}")
     if summary.get("mlflow_run_id"):
-        from mkd_ray.tracking import tracking_uri
+        from mkd_ray.tracking import ui_hint
 
-        print(f"MLflow run {summary['mlflow_run_id']} (experiment {experiment}); see it with: "
-              f"mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
+        print(f"MLflow run {summary['mlflow_run_id']} (experiment {experiment}); see it with:\n"
+              f"  {ui_hint(summary['mlflow_run_id'])}")
     else:
         print("not recorded in MLflow (--local runs record nothing; train without --local to record a run)")
 
@@ -241,7 +241,7 @@ def cmd_tune(args) -> int:
 def _print_sweep_answer(summary, sweep, name: str, experiment: str) -> None:
     """The best trial against the default configuration at the same budget, what early
     stopping saved, and where to look."""
-    from mkd_ray.tracking import tracking_uri
+    from mkd_ray.tracking import ui_hint
 
     table, metric = summary.table, sweep.tune.metric
     best = table.iloc[0]
@@ -262,7 +262,7 @@ def _print_sweep_answer(summary, sweep, name: str, experiment: str) -> None:
     print(f"best config: {summary.path}/best_config.yaml (also on MLflow parent run {summary.parent_run_id}, "
           f"experiment {experiment})")
     print(f"look at it:\n  python run.py compare --experiment {experiment} --sweep {name}\n"
-          f"  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
+          f"  {ui_hint(summary.parent_run_id)}")
 
 
 def cmd_compare(args) -> int:

@@ -145,6 +145,22 @@ def overlay_grid(images: np.ndarray, preds: np.ndarray, masks: np.ndarray, palet
 MODEL_FILES = ("state.pt", "config.yaml")  # the checkpoint (weights-only loadable) and its config
 
 
+MLFLOW_UI_PORT = 5000  # `mlflow ui`'s default
+
+
+def ui_hint(run_id: str, uri: Optional[str] = None) -> str:
+    """How to look at a run: the `mlflow ui` command for a local store (bound to 127.0.0.1),
+    and the run's address in the model-training view (MLflow 3.17's UI opens experiments in
+    its GenAI view unless the address asks for `workflowType=machine_learning`)."""
+    uri = uri or tracking_uri()
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then open "
+            f"http://127.0.0.1:{MLFLOW_UI_PORT}/{page}")
+
+
 def log_final_model(logger: RunLogger, checkpoint_file: Path, cfg: ExperimentConfig, step: int) -> str:
     """The run's final weights as an MLflow logged model (MLflow 3's Models tab), linked to the
     run as its output at `step`: the checkpoint file and the config. The run holds its metrics

@@ -70,6 +70,7 @@ def test_a_sweep_completes_with_its_slack_taken_and_prints_each_line_once(cluste
     assert re.search(r"compute: the trials ran \d+ of 24 steps", out)
     assert f"{tmp_path / 'runs' / 'slack' / 'best_config.yaml'}" in out and (tmp_path / "runs/slack/best_config.yaml").is_file()
     assert "run.py compare --experiment slack --sweep slack" in out and "--host 127.0.0.1" in out
+    assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning", out)
 
     # A stopped trial's run ends when the trial did, not when the sweep closed it.
     client = MlflowClient()

@@ -41,8 +41,11 @@ def connect(address: Optional[str] = None) -> None:
     if address:
         ray.init(address=address, **quiet)
     else:
-        # The dashboard serves the State API that Ray Train uses to release finished placement groups.
-        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+        # The dashboard serves the State API that Ray Train uses to release finished placement
+        # groups; it listens on 127.0.0.1 only. (Ray 2.60 replaces a node IP of 127.0.0.1 given
+        # to ray.init by the machine's address, so its other servers cannot be kept on loopback
+        # from here: README, "Secrets and addresses".)
+        ray.init(dashboard_host="127.0.0.1", **quiet)
 
 
 def latest_step(run_dir: str) -> int:
