@@ -289,6 +289,16 @@ def test_unreadable_unlabeled_images_are_skipped_counted_and_named(concurrent_sw
 
 
 @pytest.mark.ray
+def test_a_local_sweep_prints_no_ray_internal_lines(concurrent_sweep):
+    # Four trials on two CPUs start many processes at once; Ray's own notices about that (and
+    # its start-up banner and token notice) stay off the console of the cluster run.py starts.
+    logs = concurrent_sweep["stdout"] + concurrent_sweep["stderr"]
+    for internal in ("(raylet)", "worker processes have been started", "Started a local Ray instance",
+                     "Token authentication is enabled", "View detailed results here"):
+        assert internal not in logs
+
+
+@pytest.mark.ray
 def test_secrets_leak_nowhere_and_the_dashboard_listens_on_localhost(concurrent_sweep):
     sweep, client = concurrent_sweep, MlflowClient(concurrent_sweep["uri"])
     assert FAKE_SECRET not in sweep["stdout"] + sweep["stderr"]

@@ -28,6 +28,12 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
 
 
+# A sweep on a small machine starts a dozen processes at once by design (fractional CPUs: a
+# trial's driver, controller, worker, data actor and helpers); the raylet otherwise expects
+# as many concurrent starts as CPUs and warns on every console at 4x, 5x, ... that.
+_LOCAL_SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": 16}
+
+
 def connect(address: Optional[str] = None) -> None:
     """Join the cluster at `address` (`auto`, `ray://...`, a GCS address). Without one, Ray's
     own lookup: RAY_ADDRESS (set inside a submitted job), then a cluster `ray start` left on
@@ -45,7 +51,7 @@ def connect(address: Optional[str] = None) -> None:
         # groups; it listens on 127.0.0.1 only. (Ray 2.60 replaces a node IP of 127.0.0.1 given
         # to ray.init by the machine's address, so its other servers cannot be kept on loopback
         # from here: README, "Secrets and addresses".)
-        ray.init(dashboard_host="127.0.0.1", **quiet)
+        ray.init(dashboard_host="127.0.0.1", _system_config=_LOCAL_SYSTEM_CONFIG, **quiet)
 
 
 def latest_step(run_dir: str) -> int:
