@@ -43,7 +43,10 @@ def connect(address: Optional[str] = None) -> None:
         return
     # Workers' and Ray's own output stays in the session's log files unless asked for: the
     # driver prints each run's progress itself (mkd_ray.console).
-    quiet = {"log_to_driver": console.verbose(), "logging_level": "INFO" if console.verbose() else "WARNING"}
+    # Without Ray's own handler on its driver logger (configure_logging=False), what Ray logs
+    # here reaches the console only at WARNING and above (Python's last-resort handler): its
+    # "Connecting to existing Ray cluster" notices stay off, its warnings do not.
+    quiet = {"log_to_driver": console.verbose(), "configure_logging": console.verbose()}
     if address:
         ray.init(address=address, **quiet)
     else:
