@@ -42,17 +42,12 @@ def quiet_libraries() -> None:
 
 
 def quiet_ray() -> None:
-    """Once Ray is imported (it sets its own levels and warning filters): its driver-side
-    loggers at WARNING, and no warning about the option Ray Train's data ingest sets and Ray
-    Data has deprecated (nothing a user can act on)."""
+    """Once Ray is imported (it sets its own warning filters): no warning about the option Ray
+    Train's data ingest sets and Ray Data has deprecated (nothing a user can act on). Ray's
+    INFO logs are kept off by `ray.init(configure_logging=False)` (train.trainer.connect)."""
     if verbose():
         return
     warnings.filterwarnings("ignore", message=r".*exclude_resources. is deprecated")
-    for name in list(logging.root.manager.loggerDict):
-        if name == "ray" or name.startswith("ray."):
-            logger = logging.getLogger(name)
-            if logger.level and logger.level < logging.WARNING:
-                logger.setLevel(logging.WARNING)
     # A local cluster turns token authentication on by default and says so at every start.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 

@@ -37,7 +37,7 @@ _LOCAL_SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": 16}
 def connect(address: Optional[str] = None) -> None:
     """Join the cluster at `address` (`auto`, `ray://...`, a GCS address). Without one, Ray's
     own lookup: RAY_ADDRESS (set inside a submitted job), then a cluster `ray start` left on
-    this machine, else a new local instance bound to 127.0.0.1."""
+    this machine, else a new local instance (its dashboard on 127.0.0.1)."""
     console.quiet_ray()
     if ray.is_initialized():
         return
