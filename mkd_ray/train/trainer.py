@@ -12,6 +12,7 @@ from typing import Optional
 
 import ray
 import ray.train
+from ray._private import services  # Ray's own cluster lookup (ray.init uses the same)
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
@@ -47,7 +48,9 @@ def connect(address: Optional[str] = None) -> None:
     # here reaches the console only at WARNING and above (Python's last-resort handler): its
     # "Connecting to existing Ray cluster" notices stay off, its warnings do not.
     quiet = {"log_to_driver": console.verbose(), "configure_logging": console.verbose()}
-    if address:
+    # Ray's own lookup decides whether this joins a cluster (a submitted job's RAY_ADDRESS, a
+    # `ray start` left here) or starts one; only a new instance takes a system config.
+    if address or services.canonicalize_bootstrap_address(None) is not None:
         ray.init(address=address, **quiet)
     else:
         # The dashboard serves the State API that Ray Train uses to release finished placement
