@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from _common import REPO, emit, harness_parser, median, train
+from _common import FULL_STEP, REPO, emit, harness_parser, median, train
 
 GOAL_RATIO, GOAL_WAIT = 1.0, 0.05
 
@@ -67,7 +67,7 @@ def main() -> None:
         ray_data.append(ray_images_per_s(cfg, refs, images, args.procs))
     ray.shutdown()
     iters = 20 if args.smoke else 300
-    schedule = [root, f"train.iters={iters}", f"train.log_interval={iters // 2}", f"train.eval_interval={iters}",
+    schedule = [root, FULL_STEP, f"train.iters={iters}", f"train.log_interval={iters // 2}", f"train.eval_interval={iters}",
                 f"train.checkpoint_interval={iters}"]
     waits = [train(schedule, {}, "--experiment", "data-throughput")["train/data_wait_fraction"] for _ in range(repeats)]
     ratio, wait = median(ray_data) / median(loader), median(waits)

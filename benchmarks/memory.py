@@ -10,7 +10,7 @@ ratio is that peak in MiB (no goal was set).
 from __future__ import annotations
 
 
-from _common import REPO, emit, harness_parser, median, train
+from _common import FULL_STEP, REPO, emit, harness_parser, median, train
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     args = parser.parse_args()
     repeats, iters = (1, 10) if args.smoke else (args.repeats, args.iters)
-    schedule = [f"data.root={REPO / 'data' / 'synthetic'}", f"train.iters={iters}", f"train.log_interval={iters // 2}",
+    schedule = [f"data.root={REPO / 'data' / 'synthetic'}", FULL_STEP, f"train.iters={iters}", f"train.log_interval={iters // 2}",
                 f"train.eval_interval={iters}", f"train.checkpoint_interval={iters}"]
     peaks = [train(schedule, {})["train/peak_rss_mb"] for _ in range(repeats)]
     emit({"name": "memory", "ratio": median(peaks), "goal": None, "unit": "MiB peak RSS of the training worker",

@@ -18,7 +18,7 @@ gradients, whose cost per step is fixed by the model.
 
 from __future__ import annotations
 
-from _common import emit, harness_parser, median, train
+from _common import FULL_STEP, emit, harness_parser, median, train
 
 from mkd_ray.localcluster import local_cluster
 
@@ -30,7 +30,7 @@ TINY = ["model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32
 
 
 def schedule(iters: int) -> list[str]:
-    return [f"train.iters={iters}", f"train.log_interval={iters // 3}", f"train.eval_interval={iters}",
+    return [FULL_STEP, f"train.iters={iters}", f"train.log_interval={iters // 3}", f"train.eval_interval={iters}",
             f"train.checkpoint_interval={iters}"]
 
 

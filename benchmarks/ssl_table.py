@@ -15,18 +15,12 @@ table (2 splits x 3 seeds, 51 runs) takes about 4 hours on 2 cores.
 from __future__ import annotations
 
 import json
-import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from _common import REPO, emit, harness_parser, sets
+from _common import REPO, emit, harness_parser
+from _runs import ORACLE, Run, add_run_options, prepared_base, run_all, summary
 
 # Row -> overrides of the pipeline. Every row shares the pipeline's budget and schedule.
 ROWS = {
@@ -37,24 +31,10 @@ ROWS = {
     "MKD w/o feature aug": ["method.name=mkd", "method.feature_aug=none"],
     "MKD w/o L_ss": ["method.name=mkd", "method.lambda_ss=0"],
     "MKD w/o L_st": ["method.name=mkd", "method.lambda_st=0"],
+    "oracle (ground-truth targets)": ORACLE,
 }
 UPPER = "supervised, all labels"
 WALL_CLOCK = "supervised, MKD's wall-clock"
-SMOKE = ["train.iters=6", "method.rampup_iters=2", "model.width=0.25", "model.aspp_channels=16",
-         "model.decoder_channels=16", "model.low_level_channels=8", "data.synth.num_train=64",
-         "data.synth.num_val=16", "data.synth.splits=['1_8']", "data.val_batch_size=16"]
-
-
-@dataclass(frozen=True)
-class Run:
-    row: str
-    split: str
-    seed: int
-    overrides: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        return f"{self.split}-{re.sub(r'[^A-Za-z0-9]+', '_', self.row).strip('_')}-s{self.seed}"
 
 
 def plan(splits: list[str], seeds: list[int]) -> list[Run]:
@@ -77,49 +57,14 @@ def wall_clock_runs(splits: list[str], seeds: list[int], done: dict[str, dict], 
     return runs
 
 
-def execute(run: Run, base: list[str], args, out: Path) -> dict:
-    """One `run.py train --local`, unless its result is already on disk."""
-    result_file = out / "runs" / f"{run.key}.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    overrides = [*base, f"data.split={run.split}", f"train.seed={run.seed}", f"train.threads={args.threads}",
-                 *run.overrides]
-    command = [sys.executable, "run.py", "train", "--local", *sets(overrides), "--name", run.key,
-               "--storage", str(out / "checkpoints"), "--experiment", args.experiment,
-               "--summary", str(result_file.with_suffix(".tmp"))]
-    started = time.monotonic()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run.key} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(result_file.with_suffix(".tmp").read_text())
-    result = {"row": run.row, "split": run.split, "seed": run.seed, "overrides": list(run.overrides),
-              "miou": summary["val/miou"], "iou": summary["val/iou"], "seconds": summary["seconds"],
-              "iters": summary["step"], "wall_s": time.monotonic() - started}
-    result_file.write_text(json.dumps(result, indent=2))
-    result_file.with_suffix(".tmp").unlink()
-    print(f"{run.key}: {result['miou']:.2f} mIoU in {result['seconds']:.0f} s", file=sys.stderr, flush=True)
-    return result
-
-
-def run_all(runs: list[Run], base: list[str], args, out: Path) -> dict[str, dict]:
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = list(pool.map(lambda r: execute(r, base, args, out), runs))
-    return {run.key: result for run, result in zip(runs, results)}
-
-
 def table(results: list[dict], splits: list[str]) -> dict[tuple[str, str], dict]:
     """(split, row) -> mean +- std over seeds, and the share of the supervised -> upper-bound gap recovered."""
-    def summary(row: str, split: str) -> dict:
-        values = [r["miou"] for r in results if r["row"] == row and r["split"] == split]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"split": split, "row": row, "mean": statistics.mean(values), "std": std, "seeds": len(values)}
-
-    upper = summary(UPPER, "all")
+    upper = summary(results, UPPER, "all")
     rows = {}
     for split in splits:
-        supervised = summary("supervised", split)["mean"]
+        supervised = summary(results, "supervised", split)["mean"]
         for row in [*ROWS, WALL_CLOCK]:
-            r = summary(row, split)
+            r = summary(results, row, split)
             rows[split, row] = {**r, "gap_recovered": (r["mean"] - supervised) / (upper["mean"] - supervised)}
     rows["all", UPPER] = {**upper, "gap_recovered": 1.0}
     return rows
@@ -192,28 +137,16 @@ def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: 
 
 def main() -> None:
     parser = harness_parser(__doc__, repeats=1)
+    add_run_options(parser, "ssl-table")
     parser.add_argument("--splits", nargs="+", default=["1_16", "1_8"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--experiment", default="ssl-table")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/ssl_table (a temporary folder with --smoke)")
     args = parser.parse_args()
-
-    from mkd_ray.config import load_config
-    from mkd_ray.data.sources import ensure_synthetic
-
-    base = []
     if args.smoke:
         args.splits, args.seeds = ["1_8"], [0]
         args.out = args.out or Path(tempfile.mkdtemp(prefix="ssl_table_smoke"))
-        base = SMOKE + [f"data.root={args.out / 'data'}"]
     args.out = args.out or REPO / "benchmarks" / "results" / "ssl_table"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "runs").mkdir(exist_ok=True)
-    cfg = load_config(REPO / "pipelines" / "synthetic.yaml", base)
-    ensure_synthetic(cfg)  # once, before runs start side by side
-    base += [f"train.eval_interval={cfg.train.iters}", f"train.checkpoint_interval={cfg.train.iters}"]
+    base, cfg = prepared_base(args, args.out)
 
     done = run_all(plan(args.splits, args.seeds), base, args, args.out)
     done.update(run_all(wall_clock_runs(args.splits, args.seeds, done, cfg.train.iters), base, args, args.out))
@@ -224,7 +157,8 @@ def main() -> None:
     run_id = log_to_mlflow(args.experiment, args.out, list(done.values()), cfg.data.class_names, args)
     mkd, supervised = rows[args.splits[-1], "MKD"], rows[args.splits[-1], "supervised"]
     emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"], "goal": "> 1 (MKD above supervised)",
-          "smoke": args.smoke, "rows": list(rows.values()), "mlflow_run_id": run_id, "table": str(args.out / "ssl_table.md")})
+          "smoke": args.smoke, "pipeline": str(args.pipeline), "overrides": args.overrides, "rows": list(rows.values()),
+          "mlflow_run_id": run_id, "table": str(args.out / "ssl_table.md")})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from _common import REPO, emit, harness_parser, median
+from _common import FULL_STEP, REPO, emit, harness_parser, median
 from step_overhead import _batches
 
 GOAL = 1.10
@@ -132,7 +132,7 @@ def main() -> None:
     from mkd_ray.config import load_config
     from mkd_ray.engine import to_batch
 
-    overrides = [f"data.root={REPO / 'data' / 'synthetic'}", f"train.threads={args.threads}"]
+    overrides = [f"data.root={REPO / 'data' / 'synthetic'}", FULL_STEP, f"train.threads={args.threads}"]
     if args.smoke:
         overrides += ["model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32"]
     cfg = load_config(REPO / "pipelines" / "synthetic.yaml", overrides)

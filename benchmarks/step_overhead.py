@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, emit, harness_parser, median
+from _common import FULL_STEP, REPO, emit, harness_parser, median
 
 GOAL = 0.95
 WARMUP = 5
@@ -96,7 +96,7 @@ def main() -> None:
     from mkd_ray.config import load_config
     from mkd_ray.train.trainer import connect
 
-    overrides = [f"data.root={REPO / 'data' / 'synthetic'}", "train.log_interval=25"]
+    overrides = [f"data.root={REPO / 'data' / 'synthetic'}", FULL_STEP, "train.log_interval=25"]
     if args.smoke:
         overrides += ["model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32"]
     cfg = load_config(REPO / "pipelines" / "synthetic.yaml", overrides)

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-train", type=int, default=SynthConfig.num_train)
     synth.add_argument("--num-val", type=int, default=SynthConfig.num_val)
     synth.add_argument("--image-size", type=int, default=SynthConfig.image_size)
+    synth.add_argument("--kind", choices=["textures", "shapes"], default=SynthConfig.kind,
+                       help="textures: a pixel's class is its local texture (default); shapes: an object's outline")
+    synth.add_argument("--preview", type=Path, metavar="PNG",
+                       help="also write a grid of sample images and their masks to this PNG")
 
     pack = tools.add_parser("pack", help="write a pipeline's dataset as Parquet shards (local path or pyarrow URI)")
     _add_config_args(pack)
@@ -354,9 +358,13 @@ def cmd_data(args) -> int:
     from mkd_ray.data import io, splits, synthetic
 
     if args.tool == "synth":
-        cfg = SynthConfig(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
+        cfg = SynthConfig(kind=args.kind, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
+                          seed=args.seed)
         info = synthetic.generate(args.out, cfg)
         print(f"wrote {cfg.num_train} train + {cfg.num_val} val images to {args.out} in {info['seconds']} s")
+        if args.preview:
+            synthetic.preview(args.preview, cfg)
+            print(f"wrote a preview of the first {cfg.kind} scenes to {args.preview}")
         return 0
     if args.tool == "pack":
         return _pack(args)

@@ -35,7 +35,11 @@ def _range(lo=None, hi=None, lo_open=False, hi_open=False) -> dict:
 
 @dataclass
 class SynthConfig:
-    """The embedded synthetic dataset (see mkd_ray/data/synthetic.py)."""
+    """The embedded synthetic dataset (see mkd_ray/data/synthetic.py and mkd_ray/data/scenes/)."""
+
+    # "textures": a pixel's class is its local texture (the default benchmark); "shapes": an
+    # object's outline, which CutMix cuts (the negative case, docs/synthetic.md).
+    kind: Literal["textures", "shapes"] = "textures"
 
     num_train: int = field(default=1024, metadata=_range(16))
     num_val: int = field(default=256, metadata=_range(1))
@@ -134,7 +138,10 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mkd", "supervised", "mean_teacher", "cps"] = "mkd"
+    # "oracle": one student learning from the unlabeled images' ground truth through the
+    # same views and CutMix (the split's unlabeled list must name masks): an upper bound that
+    # measures what the augmentations let through, not a method.
+    name: Literal["mkd", "supervised", "mean_teacher", "cps", "oracle"] = "mkd"
     # How the two branches start: "independent" random weights everywhere, or
     # "shared_backbone": one random backbone copied into both, heads still distinct, as
     # when both branches load the same pretrained backbone (the paper's setting).
@@ -153,11 +160,23 @@ class MethodConfig:
     loss_norm: Literal["passed", "valid"] = "passed"
     lambda_st: float = field(default=1.5, metadata=_range(0))
     lambda_ss: float = field(default=1.0, metadata=_range(0))
+    # Labeled and unlabeled images go through each network in forwards of their own (the
+    # reference), so BatchNorm's batch statistics never mix them; false: one concatenated
+    # forward, whose statistics shift the labeled images' normalisation.
+    split_forward: bool = True
     # Distillation terms also over the labeled images (the reference does this).
     distill_labeled: bool = False
     feature_aug: Literal["isda", "dropout", "none"] = "isda"
     lam_max: float = field(default=1.5, metadata=_range(0))
     isda_teachers: bool = True
+    # ISDA as the reference has it (pipelines/voc.yaml): the logit offsets read the classifier
+    # weights detached, so ISDA moves the features, not the classifier.
+    isda_detach_weights: bool = False
+    # The class a student's unlabeled pixel is augmented towards: its training target (the
+    # teacher's label) or its own argmax (reference).
+    isda_unlabeled_target: Literal["pseudo_label", "own_argmax"] = "pseudo_label"
+    # Knowledge selection reads the teacher's confidence before its ISDA (reference) or after.
+    select_before_isda: bool = False
     fp_dropout: float = field(default=0.5, metadata=_range(0, 1, hi_open=True))
     # Sigmoid ramp-up of lambda_st / lambda_ss over the first iterations (0 = off).
     rampup_iters: int = field(default=0, metadata=_range(0))
@@ -410,6 +429,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(
             "data.class_names", f"has {len(d.class_names)} names; expected data.num_classes={d.num_classes}"
         )
+    if d.dataset == "synthetic" and d.class_names is not None:
+        from mkd_ray.data.scenes import class_names
+
+        expected = class_names(d.synth.kind)
+        if list(d.class_names) != expected:
+            raise ConfigError("data.class_names", f"got {list(d.class_names)}; the {d.synth.kind!r} synthetic "
+                              f"scenes have {expected} (set them, or change data.synth.kind)")
     if 0 <= d.ignore_index < d.num_classes:
         raise ConfigError("data.ignore_index", f"{d.ignore_index} collides with a class id (0..{d.num_classes - 1})")
     if m.width != 1.0 and m.backbone in ("resnet50", "resnet101"):

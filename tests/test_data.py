@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mkd_ray.config import AugmentConfig, CutMixConfig, StrongAffineConfig, SynthConfig, load_config
-from mkd_ray.data import io, splits, synthetic
+from mkd_ray.data import io, scenes, splits, synthetic
 from mkd_ray.data.augment import (
     IDENTITY_WARP,
     cutmix_box_mask,
@@ -123,8 +123,26 @@ def test_synthetic_dataset_is_deterministic_and_in_voc_layout(tmp_path):
     assert 0.0 < (all_masks == 255).mean() < 0.15
     assert (tmp_path / "a/splits/1_8/labeled.txt").read_text().count("\n") == 4
     assert synthetic.is_generated(tmp_path / "a", cfg)
-    other = synthetic.render_scene(np.random.default_rng([1, 0]), 32)[1]
+    other = scenes.render(cfg.kind, np.random.default_rng([1, 0]), 32)[1]
     assert not np.array_equal(other, io.load_mask(tmp_path / "a/SegmentationClass/train_000000.png"))
+
+
+# docs/synthetic.md states these shares of pixels (32 px scenes): background, each foreground class.
+CLASS_BALANCE = {"textures": ((0.62, 0.76), (0.045, 0.09)), "shapes": ((0.76, 0.88), (0.015, 0.07))}
+
+
+@pytest.mark.parametrize("kind", ["textures", "shapes"])
+def test_synthetic_masks_have_the_documented_classes_band_and_balance(kind):
+    masks = np.stack([scenes.render(kind, np.random.default_rng([7, i]), 32)[1] for i in range(256)])
+    (bg_lo, bg_hi), (fg_lo, fg_hi) = CLASS_BALANCE[kind]
+    shares = {c: (masks == c).mean() for c in range(5)}
+    assert set(np.unique(masks)) == {0, 1, 2, 3, 4, 255}
+    assert 0.02 < (masks == 255).mean() < 0.08  # the boundary band of mixed 2x2 blocks
+    assert bg_lo < shares[0] < bg_hi
+    assert all(fg_lo < shares[c] < fg_hi for c in range(1, 5)), shares
+    # A band, not regions: no ignore pixel has a whole 3x3 neighbourhood of ignore.
+    windows = np.lib.stride_tricks.sliding_window_view(masks == 255, (3, 3), axis=(1, 2))
+    assert not windows.all(axis=(-2, -1)).any()
 
 
 def test_resolve_data_reports_missing_pieces(tmp_path, synthetic_root, tiny_overrides):

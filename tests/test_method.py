@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mkd_ray.config import MethodConfig
 from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
@@ -223,6 +224,21 @@ def test_cutmix_pseudo_labels_come_from_the_pixels_source_image():
     mixed = _mix(batch.cutmix, batch.x_s)
     assert torch.equal(mixed[0, :, :2, :2], batch.x_s[1, :, :2, :2])
     assert torch.equal(mixed[0, :, 2:, :], batch.x_s[0, :, 2:, :])
+
+
+def test_oracle_learns_from_the_mixed_ground_truth():
+    method = make_method(name="oracle")
+    assert len(method.students) == 1 and not method.teachers and method.uses_unlabeled
+    batch = tiny_batch(b_u=2, hw=4)
+    batch.cutmix[0, :2, :2] = True  # top-left of image 0 pasted from image 1
+    batch.y_u[1, 0, 0] = 255  # unknown truth: no target there
+    out = method.compute_losses(batch)
+    truth = batch.y_u.clone()
+    truth[0, :2, :2] = batch.y_u[1, :2, :2]
+    logits = method.students[0](_mix(batch.cutmix, batch.x_s))["logits"]
+    expected = F.cross_entropy(logits, truth, ignore_index=255)
+    assert out.metrics["loss_st"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.metrics["pseudo_acc"].item() == 1.0
 
 
 def test_warped_strong_view_carries_its_pseudo_labels_and_padding_along():
@@ -459,3 +475,158 @@ def test_pseudo_label_accuracy_diagnostic():
     batch.y_u[0, 0, 0] = 0
     out = method.compute_losses(batch)
     assert out.metrics["pseudo_acc"].item() == pytest.approx(31 / 32)
+
+
+# ----------------------------------------------------------------------------- null-distillation control
+
+
+class BatchNormSeg(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> classifier: batch statistics couple the images of a forward."""
+
+    def __init__(self, seed: int, num_classes: int = C, dim: int = 4):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, x, fp_dropout: float = 0.0):
+        features = self.body(x)
+        return {"features": features, "logits": self.classifier(features)}
+
+    def backbone_parameters(self):
+        return list(self.body.parameters())
+
+    def head_parameters(self):
+        return list(self.classifier.parameters())
+
+
+def _first_student_after(steps: int, **method_fields) -> dict[str, torch.Tensor]:
+    from mkd_ray.config import TrainConfig
+
+    cfg = MethodConfig(**{**dict(feature_aug="none", tau_t=0.5, tau_s=0.5, lambda_ss=1.0), **method_fields})
+    method = MutualKD(cfg, lambda i: BatchNormSeg(seed=i), C, total_iters=steps)
+    optimizer, scheduler = build_optimizer(method, TrainConfig(iters=steps, optimizer="adamw", lr=0.01))
+    for step in range(steps):
+        batch = tiny_batch(b_l=3, b_u=3, hw=6, seed=step)
+        if not method.uses_unlabeled:
+            batch = Batch.labeled_only(batch.x_l, batch.y_l)
+        train_step(method, optimizer, scheduler, batch)
+    # BatchNorm's running statistics are left out: only evaluation reads them, never a step.
+    return {k: v for k, v in method.students[0].state_dict().items() if "running" not in k and "num_batches" not in k}
+
+
+@pytest.mark.parametrize("name", ["mkd", "mean_teacher", "cps"])
+def test_without_distillation_the_first_student_trains_as_supervised_training_does(name):
+    # Unsupervised weights zero: the whole step runs (teachers, unlabeled forwards, selection)
+    # but S1 sees the labeled batches supervised training sees, from the same initial weights,
+    # so it must end with the same weights.
+    supervised = _first_student_after(6, name="supervised")
+    control = _first_student_after(6, name=name, lambda_st=0.0, lambda_ss=0.0)
+    for key, value in supervised.items():
+        torch.testing.assert_close(control[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # One concatenated forward normalises the labeled images by statistics that include the
+    # unlabeled ones: the weights part ways from supervised training.
+    joint = _first_student_after(6, name=name, lambda_st=0.0, lambda_ss=0.0, split_forward=False)
+    assert max((joint[k] - v).abs().max().item() for k, v in supervised.items()) > 1e-3
+
+
+def test_warmup_steps_are_supervised_steps_and_distillation_starts_after_them():
+    supervised = _first_student_after(6, name="supervised")
+    warmed = _first_student_after(6, name="mkd", warmup_iters=6)
+    for key, value in supervised.items():
+        torch.testing.assert_close(warmed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    later = _first_student_after(6, name="mkd", warmup_iters=3)
+    assert max((later[k] - v).abs().max().item() for k, v in supervised.items()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- reference-fidelity switches
+
+
+def test_isda_with_detached_weights_moves_only_the_features_gradient():
+    # Reference (exp_semi3.py): the offsets read the classifier weights detached, so the weights'
+    # gradient is that of a cross-entropy over logits plus constant offsets.
+    torch.manual_seed(0)
+    stats = ClassFeatureStats(C, 2)
+    stats.var.copy_(torch.rand(C, 2) + 0.5)
+    weight = torch.randn(C, 2, 1, 1, requires_grad=True)
+    features, labels = torch.randn(2, 2, 3, 3), torch.randint(0, C, (2, 3, 3))
+
+    def weight_grad(offsets):
+        logits = F.conv2d(features, weight)
+        return torch.autograd.grad(F.cross_entropy(augment_logits(logits, labels, offsets), labels), weight)[0]
+
+    constant = stats.logit_offsets(weight, lam=1.0).detach()
+    torch.testing.assert_close(weight_grad(stats.logit_offsets(weight, 1.0, detach_weight=True)), weight_grad(constant))
+    assert (weight_grad(stats.logit_offsets(weight, 1.0)) - weight_grad(constant)).abs().max() > 1e-3
+
+
+def _isda_method(**fields) -> MutualKD:
+    """Mean teacher at full ISDA strength, the student favouring class 2 and the teacher
+    class 1, both with non-zero weights (so ISDA's offsets are not zero)."""
+    method = make_method(name="mean_teacher", feature_aug="isda", lam_max=4.0, **fields)
+    method.iteration.fill_(method.total_iters)
+    torch.manual_seed(0)
+    for net, favoured in ((method.students[0], 2), (method.teachers[0], 1)):
+        set_classifier(net, favoured, strength=3.0)
+        with torch.no_grad():
+            net.classifier.weight.copy_(torch.randn_like(net.classifier.weight))
+    return method
+
+
+@pytest.mark.parametrize("isda_target", ["pseudo_label", "own_argmax"])
+def test_isda_target_of_unlabeled_pixels(isda_target):
+    # Reference: a student's unlabeled pixels are augmented towards its own argmax; here by
+    # default towards its training target (the teacher's label).
+    method = _isda_method(isda_teachers=False, isda_unlabeled_target=isda_target)
+    batch = tiny_batch()
+    out = method.compute_losses(batch)
+    student, teacher = method.students[0], method.teachers[0]
+    offsets = method.feature_stats[0].logit_offsets(student.classifier.weight, method.isda_strength())
+    logits = student(batch.x_s)["logits"]
+    teacher_label = teacher(batch.x_w)["logits"].argmax(1)
+    rows = logits.argmax(1) if isda_target == "own_argmax" else teacher_label
+    expected = F.cross_entropy(augment_logits(logits, rows, offsets), teacher_label)
+    assert out.metrics["loss_st"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_knowledge_selection_reads_the_teacher_confidence_before_or_after_isda():
+    # Reference (exp_semi3.py): the confidence that selects pixels is the teacher's before ISDA.
+    batch = tiny_batch(b_u=4, hw=6)
+    ratios, expected = {}, {}
+    for before in (True, False):
+        method = _isda_method(select_before_isda=before)
+        teacher = method.teachers[0]
+        logits = teacher(batch.x_w)["logits"]
+        tau = float(logits.softmax(1).amax(1).median())
+        method.selectors[0].tau = tau
+        ratios[before] = method.compute_losses(batch).metrics["mask_ratio"].item()
+        offsets = method.feature_stats[1].logit_offsets(teacher.classifier.weight, method.isda_strength())
+        conf = (logits if before else augment_logits(logits, logits.argmax(1), offsets)).softmax(1).amax(1)
+        expected[before] = (conf >= tau).float().mean().item()
+    assert ratios == pytest.approx(expected)
+    assert abs(expected[True] - expected[False]) > 0.05
+
+
+def test_teachers_without_buffers_move_parameters_only_and_normalise_by_the_batch():
+    # Reference (exp_cps.py momentum_update, teachers run in training mode): `bn_buffers=none`.
+    cfg = MethodConfig(name="mean_teacher", feature_aug="none", bn_buffers="none")
+    method = MutualKD(cfg, lambda i: BatchNormSeg(seed=i), C, total_iters=10).train()
+    student, teacher = method.students[0], method.teachers[0]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student.body[1].running_mean.add_(5.0)
+    buffers = {k: v.clone() for k, v in teacher.named_buffers()}
+    params = {k: v.clone() for k, v in teacher.named_parameters()}
+    method.iteration.fill_(5)
+    method.update_teachers()
+    decay = ema_decay_at(5, cfg.ema_decay)
+    for k, v in teacher.named_parameters():
+        torch.testing.assert_close(v, params[k] * decay + dict(student.named_parameters())[k] * (1 - decay))
+    for k, v in teacher.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        by_batch = F.batch_norm(teacher.body[0](x), None, None, teacher.body[1].weight, teacher.body[1].bias, training=True)
+        expected = teacher.classifier(F.relu(by_batch))
+        torch.testing.assert_close(teacher(x)["logits"], expected)

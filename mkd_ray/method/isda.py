@@ -49,8 +49,11 @@ class ClassFeatureStats(nn.Module):
         self.mean.add_(w * delta)
         self.count.add_(n_new)
 
-    def logit_offsets(self, weight: torch.Tensor, lam: float) -> torch.Tensor:
-        """(C, C) matrix A with A[y, j] = 0.5 lam sum_a (w_ja - w_ya)^2 sigma^2_ya."""
+    def logit_offsets(self, weight: torch.Tensor, lam: float, detach_weight: bool = False) -> torch.Tensor:
+        """(C, C) matrix A with A[y, j] = 0.5 lam sum_a (w_ja - w_ya)^2 sigma^2_ya; with
+        `detach_weight` no gradient reaches the classifier through A."""
+        if detach_weight:
+            weight = weight.detach()
         weight = weight.reshape(weight.shape[0], -1).float()  # (C, D) from a 1x1 conv
         diff = weight[None, :, :] - weight[:, None, :]  # [y, j, a] = w_ja - w_ya
         return 0.5 * lam * (diff**2 * self.var[:, None, :]).sum(-1)

@@ -10,6 +10,9 @@ with fewer networks:
     mean_teacher  1         1         its own teacher T_i
     cps           2         0         the other student (L_ss only)
     mkd           2         2         the OTHER branch's teacher T_(1-i), plus L_ss
+    oracle        1         0         the unlabeled images' ground truth, through the same
+                                      views and CutMix (a perfect pseudo-labeller: how much
+                                      of the gap to all labels the augmentations let through)
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ _LAYOUT = {  # name -> (students, teachers, crossed teachers)
     "mean_teacher": (1, 1, False),
     "cps": (2, 0, False),
     "mkd": (2, 2, True),
+    "oracle": (1, 0, False),
 }
 
 
@@ -144,7 +148,7 @@ class MutualKD(nn.Module):
         self._student_calls: list[nn.Module] = list(self.students)
         self.branches = BranchRunner()  # one after the other until `branches.parallel(...)`
         # The supervised baseline never looks at unlabeled images.
-        self.uses_unlabeled = n_students + n_teachers > 1
+        self.uses_unlabeled = cfg.name != "supervised"
 
     # ------------------------------------------------------------------ plumbing
 
@@ -180,7 +184,10 @@ class MutualKD(nn.Module):
     def compute_losses(self, batch: Batch) -> StepOutput:
         cfg, ignore = self.cfg, self.ignore_index
         n_l = batch.x_l.shape[0]
-        if self.uses_unlabeled:
+        # During the warm-up nothing reads the unlabeled images: each student takes exactly the
+        # step supervised training takes, at its cost (the teachers still follow by EMA).
+        unlabeled = self.uses_unlabeled and int(self.iteration) >= cfg.warmup_iters
+        if unlabeled:
             x_mix = to_strong_view(batch, batch.x_s)
             valid_u = to_strong_view(batch, ~batch.ignore_u)
         lam = self.isda_strength()
@@ -190,41 +197,43 @@ class MutualKD(nn.Module):
         # student i's one forward over labeled + mixed strong images. The branches may run side
         # by side (see branches.py). The teachers run under inference mode (no autograd
         # bookkeeping); their targets are cloned out of it, as the losses save them for backward.
-        inputs = torch.cat([batch.x_l, x_mix]) if self.uses_unlabeled else batch.x_l
+        parts = [batch.x_l, x_mix] if unlabeled else [batch.x_l]
 
         def forward_branch(i: int):
             target = None
-            if i < len(self.teachers):
+            if unlabeled and i < len(self.teachers):
                 with torch.inference_mode():
                     conf, label = self._teacher_targets(i, batch, lam)
                 target = (conf.clone(), label.clone())
-            return target, self._student_calls[i](inputs, fp_dropout=fp)
+            return target, self._forward(self._student_calls[i], parts, fp_dropout=fp)
 
         teacher_targets, outs = zip(*self.branches.map(forward_branch, range(len(self.students))))
-        valid_all = torch.cat([batch.y_l != ignore, valid_u]) if self.uses_unlabeled else batch.y_l != ignore
+        valid_all = torch.cat([batch.y_l != ignore, valid_u]) if unlabeled else batch.y_l != ignore
         # Pixels the distillation terms cover: the unlabeled part, or every image (reference).
         distill = slice(0, None) if cfg.distill_labeled else slice(n_l, None)
         valid_d = valid_all[distill]
 
         # Pseudo-labeller of each student and which pixels pass knowledge selection.
         st_targets, st_keep = [], []
-        for i in range(len(self.students)):
-            if not self.teachers:
-                break
+        for i in range(len(self.teachers) if unlabeled else 0):
             t = 1 - i if self.crossed else i
             conf, label = teacher_targets[t]
             keep = self.selectors[t].select(conf, label, valid_d)
             st_targets.append(label)
             st_keep.append(keep)
+        if cfg.name == "oracle" and unlabeled:
+            truth = self._mixed_truth(batch)
+            st_targets, st_keep = [truth], [valid_d & (truth != ignore)]
 
         # ISDA-augmented student logits, with gt on labeled pixels and the pseudo-label elsewhere.
         logits = []
         for i, out in enumerate(outs):
             z = out["logits"]
             if self.use_isda:
-                isda_target = self._isda_target(i, batch.y_l, outs, st_targets, valid_all, n_l)
-                self.feature_stats[i].update(out["features"], self._own_labels(batch.y_l, z, valid_all, n_l))
-                offsets = self.feature_stats[i].logit_offsets(self.students[i].classifier.weight, lam)
+                isda_target = self._isda_target(i, batch.y_l, outs, st_targets, valid_all, n_l, unlabeled)
+                self.feature_stats[i].update(out["features"], self._own_labels(batch.y_l, z, valid_all, n_l, unlabeled))
+                offsets = self.feature_stats[i].logit_offsets(self.students[i].classifier.weight, lam,
+                                                              cfg.isda_detach_weights)
                 z = augment_logits(z, isda_target, offsets)
             logits.append(z)
 
@@ -244,7 +253,7 @@ class MutualKD(nn.Module):
                 loss_st[i] = 0.5 * (loss_st[i] + fp_term)
 
         loss_ss, ss_ratio = [zero] * len(self.students), zero
-        if len(self.students) == 2 and cfg.lambda_ss > 0:
+        if unlabeled and len(self.students) == 2 and cfg.lambda_ss > 0:
             for i in range(2):
                 conf, label = pseudo_labels(logits[1 - i][distill])
                 keep = valid_d & (conf >= cfg.tau_s)
@@ -272,12 +281,20 @@ class MutualKD(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
+    def _forward(self, net: Callable[..., dict], parts: list[torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
+        """One network over the labeled and unlabeled images, outputs concatenated in that order:
+        a forward per part (`split_forward`, the reference), so BatchNorm normalises labeled
+        images by labeled statistics alone, as supervised training does; else one forward."""
+        if not self.cfg.split_forward or len(parts) == 1:
+            return net(torch.cat(parts), **kwargs)
+        outs = [net(part, **kwargs) for part in parts]
+        return {key: torch.cat([out[key] for out in outs]) for key in outs[0]}
+
     def _teacher_targets(self, t: int, batch: Batch, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher t's (confidence, label) on the distilled images, in the strong view's geometry
         (warped, CutMix-mixed) on the unlabeled part. Called under inference mode."""
         teacher = self.teachers[t]
-        inputs = torch.cat([batch.x_l, batch.x_w]) if self.cfg.distill_labeled else batch.x_w
-        out = teacher(inputs)
+        out = self._forward(teacher, [batch.x_l, batch.x_w] if self.cfg.distill_labeled else [batch.x_w])
         z = out["logits"]
         if self.use_isda and self.cfg.isda_teachers:
             stats = self.feature_stats[len(self.students) + t]
@@ -287,8 +304,10 @@ class MutualKD(nn.Module):
                 own = torch.cat([batch.y_l, own[n_l:]])
             own_valid = own.masked_fill(self._teacher_ignore(batch, own), self.ignore_index)
             stats.update(out["features"], own_valid)
-            z = augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
+            plain, z = z, augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
         conf, label = pseudo_labels(z)
+        if self.use_isda and self.cfg.isda_teachers and self.cfg.select_before_isda:
+            conf = pseudo_labels(plain)[0]  # the label after ISDA, its confidence before it (reference)
         if self.cfg.distill_labeled:
             n_l = batch.x_l.shape[0]
             conf = torch.cat([conf[:n_l], to_strong_view(batch, conf[n_l:])])
@@ -303,25 +322,29 @@ class MutualKD(nn.Module):
             return torch.cat([batch.y_l == self.ignore_index, batch.ignore_u])
         return batch.ignore_u
 
-    def _isda_target(self, i, y_l, outs, st_targets, valid_all, n_l) -> torch.Tensor:
+    def _isda_target(self, i, y_l, outs, st_targets, valid_all, n_l, unlabeled) -> torch.Tensor:
         """The label each student pixel is augmented towards: gt, else its training target."""
-        if not self.uses_unlabeled:
+        if not unlabeled:
             return y_l
-        if st_targets:
+        if self.cfg.isda_unlabeled_target == "pseudo_label" and st_targets:
             unl = st_targets[i] if not self.cfg.distill_labeled else st_targets[i][n_l:]
-        elif len(outs) == 2:
-            unl = class_argmax(outs[1 - i]["logits"][n_l:].detach())
-        else:
-            unl = class_argmax(outs[i]["logits"][n_l:].detach())
+        else:  # the argmax of the network that provides the target: CPS's other student, else its own
+            source = 1 - i if len(outs) == 2 and self.cfg.isda_unlabeled_target == "pseudo_label" else i
+            unl = class_argmax(outs[source]["logits"][n_l:].detach())
         target = torch.cat([y_l, unl])
         return target.masked_fill(~valid_all, self.ignore_index)
 
-    def _own_labels(self, y_l, logits, valid_all, n_l) -> torch.Tensor:
+    def _own_labels(self, y_l, logits, valid_all, n_l, unlabeled) -> torch.Tensor:
         """Labels for a student's feature statistics: gt on labeled pixels, its own argmax elsewhere."""
-        if not self.uses_unlabeled:
+        if not unlabeled:
             return y_l
         own = torch.cat([y_l, class_argmax(logits[n_l:].detach())])
         return own.masked_fill(~valid_all, self.ignore_index)
+
+    def _mixed_truth(self, batch: Batch) -> torch.Tensor:
+        """Ground truth of the distilled pixels in the strong view's geometry (255 where unknown)."""
+        y_u = to_strong_view(batch, batch.y_u)
+        return torch.cat([batch.y_l, y_u]) if self.cfg.distill_labeled else y_u
 
     @torch.no_grad()
     def _pseudo_label_metrics(self, targets, keeps, ss_ratio, batch, valid_d, n_l) -> dict[str, torch.Tensor]:
@@ -330,9 +353,7 @@ class MutualKD(nn.Module):
         ratio = sum(k.sum() for k in keeps) / (valid_d.sum().clamp(min=1) * len(keeps))
         out = {"mask_ratio": ratio}
         if batch.y_u is not None:
-            y_u = to_strong_view(batch, batch.y_u)
-            if self.cfg.distill_labeled:
-                y_u = torch.cat([batch.y_l, y_u])
+            y_u = self._mixed_truth(batch)
             known = valid_d & (y_u != self.ignore_index)
             correct = sum(((t == y_u) & known).sum() for t in targets)
             correct_kept = sum(((t == y_u) & known & k).sum() for t, k in zip(targets, keeps))
