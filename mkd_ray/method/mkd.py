@@ -194,7 +194,7 @@ class MutualKD(nn.Module):
         fp = cfg.fp_dropout if cfg.feature_aug == "dropout" else 0.0
 
         # Branch i: teacher i's pseudo-labels on the weak view (mixed with the same boxes), then
-        # student i's one forward over labeled + mixed strong images. The branches may run side
+        # student i's forwards over labeled and mixed strong images. The branches may run side
         # by side (see branches.py). The teachers run under inference mode (no autograd
         # bookkeeping); their targets are cloned out of it, as the losses save them for backward.
         parts = [batch.x_l, x_mix] if unlabeled else [batch.x_l]
