@@ -75,7 +75,7 @@ def _caller_context() -> Callable[[], contextlib.ExitStack]:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.set_grad_enabled(grad))
         for device_type, dtype in casts:
-            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=False))  # as autocast_context
         return stack
 
     return enter

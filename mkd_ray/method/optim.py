@@ -64,7 +64,10 @@ def autocast_context(amp: str, device: torch.device):
     if amp == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    # No cast cache: a student runs a forward per part (split_forward), and a cached weight
+    # cast shared by both would sum their gradients in half precision, or not, depending on
+    # whether the cache survived; separate casts make a step's result the same on any thread.
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 def train_step(
