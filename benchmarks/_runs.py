@@ -15,8 +15,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from _common import FULL_STEP, REPO, sets
+
+if TYPE_CHECKING:
+    from mkd_ray.config import ExperimentConfig
 
 # A tiny network and dataset: the harnesses' --smoke mode checks that they work, not numbers.
 SMOKE = ["train.iters=6", "method.rampup_iters=2", FULL_STEP, "model.width=0.25", "model.aspp_channels=16",
@@ -81,7 +85,7 @@ def run_all(runs: list[Run], base: list[str], args, out: Path) -> dict[str, dict
     return {run.key: result for run, result in zip(runs, results)}
 
 
-def prepared_base(args, out: Path) -> tuple[list[str], "object"]:
+def prepared_base(args, out: Path) -> tuple[list[str], ExperimentConfig]:
     """The overrides every run shares, and the pipeline's config: the dataset is generated
     once here, before runs start side by side; evaluation and checkpoint at the end only."""
     from mkd_ray.config import load_config

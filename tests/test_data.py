@@ -155,6 +155,18 @@ def test_resolve_data_reports_missing_pieces(tmp_path, synthetic_root, tiny_over
         resolve_data(load_config(None, tiny_overrides + ["data.split=1_3"]))
 
 
+def test_oracle_needs_masks_for_every_unlabeled_image(tmp_path, synthetic_root, tiny_overrides):
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "labeled.txt").write_text((synthetic_root / "splits/1_8/labeled.txt").read_text())
+    lines = (synthetic_root / "splits/1_8/unlabeled.txt").read_text().splitlines()
+    (split / "unlabeled.txt").write_text("\n".join([lines[0].split()[0], *lines[1:]]) + "\n")
+    overrides = tiny_overrides + [f"data.split={split}", f"data.splits_dir={synthetic_root / 'splits'}"]
+    assert len(resolve_data(load_config(None, overrides)).unlabeled) == len(lines)  # other methods: fine
+    with pytest.raises(io.DatasetError, match=r"method 'oracle'.*1 lines of .*unlabeled.txt name none"):
+        resolve_data(load_config(None, overrides + ["method.name=oracle"]))
+
+
 # ----------------------------------------------------------------------------- Parquet packs
 
 

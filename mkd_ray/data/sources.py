@@ -98,8 +98,8 @@ def resolve_data(cfg: ExperimentConfig, log=print) -> ExperimentData:
     unlabeled = read(unlabeled_at, need_masks=False) if exists(unlabeled_at) else []
     if not unlabeled and cfg.method.name != "supervised":
         raise DatasetError(f"{unlabeled_at} is missing or empty; method {cfg.method.name!r} needs unlabeled images")
-    unmasked = [ref.image for ref in unlabeled if ref.mask is None]
-    if cfg.method.name == "oracle" and unmasked:
+    unmasked = [ref.image for ref in unlabeled if ref.mask is None] if cfg.method.name == "oracle" else []
+    if unmasked:
         raise DatasetError(f"method 'oracle' learns from the unlabeled images' masks, but {len(unmasked)} lines of "
                            f"{unlabeled_at} name none (first: {unmasked[0]}); give '<image> <mask>' lines")
     return ExperimentData(read(storage.join(split, "labeled.txt")), unlabeled, read(storage.join(splits, "val.txt")))
