@@ -113,6 +113,9 @@ class AugmentConfig:
     # Strong photometric set: "reference" (one of five ops), "unimatch" (jitter/gray/blur),
     # "mild" (brightness/contrast + noise), "none".
     strong: Literal["reference", "unimatch", "mild", "none"] = "reference"
+    # Sigma range of the strong sets' Gaussian blur, in pixels. The reference's 0.1-2.0 was
+    # set for 321-512 px crops; on small images it can erase a texture (docs/synthetic.md).
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     cutmix: CutMixConfig = field(default_factory=CutMixConfig)
     strong_affine: StrongAffineConfig = field(default_factory=StrongAffineConfig)
 
@@ -166,6 +169,10 @@ class MethodConfig:
     split_forward: bool = True
     # Distillation terms also over the labeled images (the reference does this).
     distill_labeled: bool = False
+    # Resolution of the maps the distillation terms read, as a fraction of the input: the
+    # student's and teacher's logits resized bilinearly, the CutMix box and the valid mask by
+    # nearest neighbour. The reference uses half its head's resolution, 1/8 of the input.
+    distill_scale: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
     feature_aug: Literal["isda", "dropout", "none"] = "isda"
     lam_max: float = field(default=1.5, metadata=_range(0))
     isda_teachers: bool = True
@@ -424,6 +431,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     d, m = cfg.data, cfg.model
     _check_pair(cfg.augment.scale_range, "augment.scale_range", 0.05, 10.0)
     _check_pair(cfg.augment.cutmix.area, "augment.cutmix.area", 0.0, 1.0)
+    _check_pair(cfg.augment.blur_sigma, "augment.blur_sigma", 0.01, 20.0)
     _check_pair(cfg.augment.strong_affine.scale, "augment.strong_affine.scale", 0.1, 10.0)
     if d.class_names is not None and len(d.class_names) != d.num_classes:
         raise ConfigError(

@@ -61,6 +61,7 @@ BAD = [
     ("augment.cutmix.area=[0.2,1.5]", "augment.cutmix.area", "max <= 1"),
     ("augment.cutmix.prob=2", "augment.cutmix.prob", r"\[0, 1\]"),
     ("augment.strong=heavy", "augment.strong", "'reference'"),
+    ("augment.blur_sigma=[0,1]", "augment.blur_sigma", "0.01 <= min"),
     ("augment.strong_affine.scale=[1.5,0.5]", "augment.strong_affine.scale", "min <= max"),
     ("augment.strong_affine.degrees=270", "augment.strong_affine.degrees", r"\[0, 180\]"),
     ("eval.mode=tiles", "eval.mode", "'sliding'"),

@@ -10,8 +10,10 @@ from mkd_ray.config import AugmentConfig, CutMixConfig, StrongAffineConfig, Synt
 from mkd_ray.data import io, scenes, splits, synthetic
 from mkd_ray.data.augment import (
     IDENTITY_WARP,
+    REFERENCE_OP_WEIGHTS,
     cutmix_box_mask,
     labeled_views,
+    reference_op,
     sample_rng,
     strong_affine_theta,
     strong_photometric,
@@ -246,6 +248,24 @@ def test_strong_views_keep_shape_and_dtype(kind):
     for seed in range(10):
         out = strong_photometric(image, kind, np.random.default_rng(seed))
         assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+def test_the_reference_set_draws_its_ops_with_the_references_weights():
+    # albumentations 1.x SomeOf(n=1) over p = (0.3, 0.5, 0.1, 0.1, 0.5): blur and grayscale a
+    # third of the views each, not one in five as a uniform draw would give.
+    rng = np.random.default_rng(0)
+    counts = np.bincount([reference_op(rng) for _ in range(20000)], minlength=5) / 20000
+    assert np.allclose(counts, [0.2, 1 / 3, 1 / 15, 1 / 15, 1 / 3], atol=0.012)
+    assert np.isclose(REFERENCE_OP_WEIGHTS.sum(), 1.0)
+
+
+def test_blur_sigma_sets_how_much_the_strong_blur_softens():
+    checks = torch.from_numpy(np.indices((16, 16)).sum(0) % 2 * 255).to(torch.uint8).expand(3, 16, 16)
+    seed = next(s for s in range(100) if reference_op(np.random.default_rng(s)) == 1)  # a blurred view
+    sharp = strong_photometric(checks, "reference", np.random.default_rng(seed), blur_sigma=(0.01, 0.01))
+    soft = strong_photometric(checks, "reference", np.random.default_rng(seed), blur_sigma=(3.0, 3.0))
+    assert torch.equal(sharp, checks)
+    assert soft.float().std() < 0.2 * checks.float().std()
 
 
 def test_strong_affine_draws_stay_within_the_configured_ranges():

@@ -607,6 +607,31 @@ def test_knowledge_selection_reads_the_teacher_confidence_before_or_after_isda()
     assert abs(expected[True] - expected[False]) > 0.05
 
 
+def test_distillation_at_a_coarser_scale_reads_resized_maps():
+    # Reference (exp_semi3.py, exp_cps.py compute_semi_loss): student and teacher logits resized
+    # bilinearly, the CutMix box by nearest neighbour, before pseudo-labels and losses.
+    batch = tiny_batch(b_u=3, hw=8)
+    batch.cutmix[0, 1:6, 2:7] = batch.cutmix[2, 4:, :3] = True
+    student_input = _mix(batch.cutmix, batch.x_s)
+    losses = {}
+    for scale in (0.5, 1.0):
+        method = make_method(name="mean_teacher", distill_scale=scale)
+        torch.manual_seed(0)
+        for net in (*method.students, *method.teachers):
+            nn.init.normal_(net.classifier.weight)
+        losses[scale] = method.compute_losses(batch).metrics["loss_st"].item()
+
+        def at_scale(z):
+            return F.interpolate(z, scale_factor=scale, mode="bilinear", align_corners=False)
+
+        with torch.no_grad():
+            box = batch.cutmix if scale == 1 else batch.cutmix[:, ::2, ::2]
+            target = _mix(box, at_scale(method.teachers[0](batch.x_w)["logits"]).argmax(1))
+            expected = F.cross_entropy(at_scale(method.students[0](student_input)["logits"]), target)
+        assert losses[scale] == pytest.approx(expected.item(), rel=1e-5), scale
+    assert abs(losses[0.5] - losses[1.0]) > 1e-3
+
+
 def test_teachers_without_buffers_move_parameters_only_and_normalise_by_the_batch():
     # Reference (exp_cps.py momentum_update, teachers run in training mode): `bn_buffers=none`.
     cfg = MethodConfig(name="mean_teacher", feature_aug="none", bn_buffers="none")

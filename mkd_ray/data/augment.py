@@ -55,8 +55,9 @@ def _color_jitter(image: torch.Tensor, rng: np.random.Generator, strength: float
     return image
 
 
-def _blur(image: torch.Tensor, rng: np.random.Generator, kernel: Optional[int] = None) -> torch.Tensor:
-    sigma = rng.uniform(0.1, 2.0)
+def _blur(image: torch.Tensor, rng: np.random.Generator, sigma_range: tuple[float, float],
+          kernel: Optional[int] = None) -> torch.Tensor:
+    sigma = rng.uniform(*sigma_range)
     if kernel is None:  # cover +-3 sigma
         kernel = 2 * math.ceil(3 * sigma) + 1
     return F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
@@ -71,13 +72,25 @@ def _mild(image: torch.Tensor, rng: np.random.Generator, strength: float = 0.2, 
     return image
 
 
-def _reference_strong(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+# The reference draws one op through albumentations 1.x `SomeOf(n=1)`, which normalises the
+# ops' `p` into selection weights and then always applies the op drawn: colour jitter 0.3,
+# blur 0.5, equalize 0.1, solarize 0.1, grayscale 0.5 (semi-mmseg configs/semi_ablations).
+REFERENCE_OP_WEIGHTS = np.array([0.3, 0.5, 0.1, 0.1, 0.5]) / 1.5
+
+
+def reference_op(rng: np.random.Generator) -> int:
+    """Index of the reference set's op for one strong view: 0 jitter, 1 blur, 2 equalize,
+    3 solarize, 4 grayscale."""
+    return int(rng.choice(len(REFERENCE_OP_WEIGHTS), p=REFERENCE_OP_WEIGHTS))
+
+
+def _reference_strong(image: torch.Tensor, rng: np.random.Generator, blur_sigma: tuple[float, float]) -> torch.Tensor:
     """The reference implementation's set: one of five photometric operations."""
-    op = int(rng.integers(5))
+    op = reference_op(rng)
     if op == 0:
         return _color_jitter(image, rng)
     if op == 1:
-        return _blur(image, rng, kernel=int(rng.choice([3, 5, 7])))
+        return _blur(image, rng, blur_sigma, kernel=int(rng.choice([3, 5, 7])))
     if op == 2:
         return F.equalize(image)
     if op == 3:
@@ -85,21 +98,23 @@ def _reference_strong(image: torch.Tensor, rng: np.random.Generator) -> torch.Te
     return F.rgb_to_grayscale(image, num_output_channels=3)
 
 
-def _unimatch_strong(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+def _unimatch_strong(image: torch.Tensor, rng: np.random.Generator, blur_sigma: tuple[float, float]) -> torch.Tensor:
     if rng.random() < 0.8:
         image = _color_jitter(image, rng)
     if rng.random() < 0.2:
         image = F.rgb_to_grayscale(image, num_output_channels=3)
     if rng.random() < 0.5:
-        image = _blur(image, rng)
+        image = _blur(image, rng, blur_sigma)
     return image
 
 
-def strong_photometric(image: torch.Tensor, kind: str, rng: np.random.Generator) -> torch.Tensor:
+def strong_photometric(image: torch.Tensor, kind: str, rng: np.random.Generator,
+                       blur_sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """`blur_sigma`: the Gaussian blur's sigma range in pixels (the reference's is 0.1-2.0)."""
     if kind == "reference":
-        return _reference_strong(image, rng)
+        return _reference_strong(image, rng, blur_sigma)
     if kind == "unimatch":
-        return _unimatch_strong(image, rng)
+        return _unimatch_strong(image, rng, blur_sigma)
     if kind == "mild":
         return _mild(image, rng)
     return image
@@ -169,7 +184,7 @@ def unlabeled_views(
     img, masks = weak_geometry(_chw(image), torch.stack([gt, inside]), crop, cfg, rng, ignore_index)
     if cfg.weak_photometric:
         img = weak_photometric(img, rng)
-    strong = strong_photometric(img, cfg.strong, rng)
+    strong = strong_photometric(img, cfg.strong, rng, cfg.blur_sigma)
     return {
         "weak": img.numpy(),
         "strong": strong.numpy(),

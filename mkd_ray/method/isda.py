@@ -75,9 +75,10 @@ def class_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def nearest_resize(labels: torch.Tensor, size) -> torch.Tensor:
-    """(B, H, W) labels resized by nearest neighbour. For a whole-number ratio that is every
-    k-th pixel, which is what F.interpolate's nearest mode picks, without a float round trip."""
+    """(B, H, W) labels or masks resized by nearest neighbour, dtype kept. For a whole-number
+    ratio that is every k-th pixel, which is what F.interpolate's nearest mode picks, without
+    a float round trip."""
     (h, w), (out_h, out_w) = labels.shape[-2:], size
     if h % out_h == 0 and w % out_w == 0:
         return labels[:, :: h // out_h, :: w // out_w]
-    return F.interpolate(labels[:, None].float(), size=(out_h, out_w), mode="nearest")[:, 0].long()
+    return F.interpolate(labels[:, None].float(), size=(out_h, out_w), mode="nearest")[:, 0].to(labels.dtype)

@@ -27,7 +27,7 @@ from torch import nn
 from mkd_ray.config import MethodConfig
 from mkd_ray.method.branches import BranchRunner
 from mkd_ray.method.ema import ema_decay_at, ema_update
-from mkd_ray.method.isda import ClassFeatureStats, augment_logits
+from mkd_ray.method.isda import ClassFeatureStats, augment_logits, nearest_resize
 from mkd_ray.method.losses import (
     class_argmax,
     cosine_rampup,
@@ -95,7 +95,10 @@ class StepOutput:
 
 
 def _mix(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """CutMix: take pixels under `mask` (B, H, W) from the partner image (batch rolled by one)."""
+    """CutMix: take pixels under `mask` (B, H, W) from the partner image (batch rolled by one);
+    on a coarser map, under the mask resized by nearest neighbour (as the reference does)."""
+    if mask.shape[-2:] != x.shape[-2:]:
+        mask = nearest_resize(mask, x.shape[-2:])
     partner = x.roll(1, dims=0)
     m = mask if x.dim() == mask.dim() else mask[:, None]
     return torch.where(m, partner, x)
@@ -211,7 +214,7 @@ class MutualKD(nn.Module):
         valid_all = torch.cat([batch.y_l != ignore, valid_u]) if unlabeled else batch.y_l != ignore
         # Pixels the distillation terms cover: the unlabeled part, or every image (reference).
         distill = slice(0, None) if cfg.distill_labeled else slice(n_l, None)
-        valid_d = valid_all[distill]
+        valid_d = self._at_distill_scale(valid_all[distill])
 
         # Pseudo-labeller of each student and which pixels pass knowledge selection.
         st_targets, st_keep = [], []
@@ -241,7 +244,11 @@ class MutualKD(nn.Module):
         # split is one concatenation, where a slice per term would each fill a full-batch zero.
         log_probs = [z.float().log_softmax(dim=1) for z in logits]
         labeled_lp, unlabeled_lp = zip(*(lp.split([n_l, lp.shape[0] - n_l]) for lp in log_probs))
-        distill_lp = log_probs if cfg.distill_labeled else unlabeled_lp
+        distill_logits = [self._at_distill_scale(z[distill]) for z in logits]
+        if self.coarse_distillation:
+            distill_lp = [z.float().log_softmax(dim=1) for z in distill_logits]
+        else:
+            distill_lp = log_probs if cfg.distill_labeled else unlabeled_lp
         zero = batch.x_l.new_zeros(())
         loss_sup = [supervised_nll(lp, batch.y_l, ignore) for lp in labeled_lp]
 
@@ -249,13 +256,14 @@ class MutualKD(nn.Module):
         for i, (target, keep) in enumerate(zip(st_targets, st_keep)):
             loss_st[i] = masked_nll(distill_lp[i], target, keep, valid_d, cfg.loss_norm)
             if fp:
-                fp_term = masked_cross_entropy(outs[i]["logits_fp"][distill], target, keep, valid_d, cfg.loss_norm)
+                fp_logits = self._at_distill_scale(outs[i]["logits_fp"][distill])
+                fp_term = masked_cross_entropy(fp_logits, target, keep, valid_d, cfg.loss_norm)
                 loss_st[i] = 0.5 * (loss_st[i] + fp_term)
 
         loss_ss, ss_ratio = [zero] * len(self.students), zero
         if unlabeled and len(self.students) == 2 and cfg.lambda_ss > 0:
             for i in range(2):
-                conf, label = pseudo_labels(logits[1 - i][distill])
+                conf, label = pseudo_labels(distill_logits[1 - i])
                 keep = valid_d & (conf >= cfg.tau_s)
                 loss_ss[i] = masked_nll(distill_lp[i], label, keep, valid_d, cfg.loss_norm)
                 ss_ratio = ss_ratio + keep.sum() / valid_d.sum().clamp(min=1) / 2
@@ -305,9 +313,10 @@ class MutualKD(nn.Module):
             own_valid = own.masked_fill(self._teacher_ignore(batch, own), self.ignore_index)
             stats.update(out["features"], own_valid)
             plain, z = z, augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
-        conf, label = pseudo_labels(z)
+        conf, label = pseudo_labels(self._at_distill_scale(z))
         if self.use_isda and self.cfg.isda_teachers and self.cfg.select_before_isda:
-            conf = pseudo_labels(plain)[0]  # the label after ISDA, its confidence before it (reference)
+            # The label after ISDA, its confidence before it (reference).
+            conf = pseudo_labels(self._at_distill_scale(plain))[0]
         if self.cfg.distill_labeled:
             n_l = batch.x_l.shape[0]
             conf = torch.cat([conf[:n_l], to_strong_view(batch, conf[n_l:])])
@@ -315,6 +324,20 @@ class MutualKD(nn.Module):
         else:
             conf, label = to_strong_view(batch, conf), to_strong_view(batch, label)
         return conf, label
+
+    @property
+    def coarse_distillation(self) -> bool:
+        return self.cfg.distill_scale < 1
+
+    def _at_distill_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """A map at the distillation terms' resolution (`distill_scale`): logits bilinearly,
+        labels and masks by nearest neighbour, as the reference resizes them."""
+        if not self.coarse_distillation:
+            return x
+        size = [max(1, int(n * self.cfg.distill_scale)) for n in x.shape[-2:]]
+        if x.is_floating_point() and x.dim() == 4:
+            return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return nearest_resize(x, size)
 
     def _teacher_ignore(self, batch: Batch, own: torch.Tensor) -> torch.Tensor:
         """Padding of the weak view (and ignore pixels of the labeled part) for teacher inputs."""
@@ -328,6 +351,8 @@ class MutualKD(nn.Module):
             return y_l
         if self.cfg.isda_unlabeled_target == "pseudo_label" and st_targets:
             unl = st_targets[i] if not self.cfg.distill_labeled else st_targets[i][n_l:]
+            # ISDA augments the full-resolution logits; coarse targets are brought back up.
+            unl = nearest_resize(unl, valid_all.shape[-2:]) if self.coarse_distillation else unl
         else:  # the argmax of the network that provides the target: CPS's other student, else its own
             source = 1 - i if len(outs) == 2 and self.cfg.isda_unlabeled_target == "pseudo_label" else i
             unl = class_argmax(outs[source]["logits"][n_l:].detach())
@@ -343,8 +368,8 @@ class MutualKD(nn.Module):
 
     def _mixed_truth(self, batch: Batch) -> torch.Tensor:
         """Ground truth of the distilled pixels in the strong view's geometry (255 where unknown)."""
-        y_u = to_strong_view(batch, batch.y_u)
-        return torch.cat([batch.y_l, y_u]) if self.cfg.distill_labeled else y_u
+        y_u = to_strong_view(batch, self._at_distill_scale(batch.y_u))
+        return torch.cat([self._at_distill_scale(batch.y_l), y_u]) if self.cfg.distill_labeled else y_u
 
     @torch.no_grad()
     def _pseudo_label_metrics(self, targets, keeps, ss_ratio, batch, valid_d, n_l) -> dict[str, torch.Tensor]:
