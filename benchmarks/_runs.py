@@ -1,6 +1,7 @@
 """Training runs for the harnesses that measure learning (ssl_table, benchmark_validity):
-`run.py train --local` in subprocesses, several at a time, each result kept on disk so an
-interrupted harness resumes where it stopped, and tables of mean +- std over seeds."""
+`run.py train --local` in subprocesses, several at a time, each result (and its console, as
+`<run>.log`) kept on disk so an interrupted harness resumes where it stopped, and tables of
+mean +- std over seeds."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def execute(run: Run, base: list[str], args, out: Path) -> dict:
     started = time.monotonic()
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    # The run's console (progress lines: losses, pseudo-label accuracy, kept ratio) beside its result.
+    result_file.with_suffix(".log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{run.key} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(result_file.with_suffix(".tmp").read_text())

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-train", type=int, default=SynthConfig.num_train)
     synth.add_argument("--num-val", type=int, default=SynthConfig.num_val)
     synth.add_argument("--image-size", type=int, default=SynthConfig.image_size)
-    synth.add_argument("--kind", choices=["textures", "shapes"], default=SynthConfig.kind,
-                       help="textures: a pixel's class is its local texture (default); shapes: an object's outline")
+    synth.add_argument("--kind", choices=["textures", "glyphs", "shapes"], default=SynthConfig.kind,
+                       help="textures: a pixel's class is its local texture (default); glyphs: the shape of the "
+                            "marks around it; shapes: an object's outline")
     synth.add_argument("--preview", type=Path, metavar="PNG",
                        help="also write a grid of sample images and their masks to this PNG")
 

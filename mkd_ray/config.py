@@ -39,7 +39,7 @@ class SynthConfig:
 
     # "textures": a pixel's class is its local texture (the default benchmark); "shapes": an
     # object's outline, which CutMix cuts (the negative case, docs/synthetic.md).
-    kind: Literal["textures", "shapes"] = "textures"
+    kind: Literal["textures", "glyphs", "shapes"] = "textures"
 
     num_train: int = field(default=1024, metadata=_range(16))
     num_val: int = field(default=256, metadata=_range(1))

@@ -130,10 +130,11 @@ def test_synthetic_dataset_is_deterministic_and_in_voc_layout(tmp_path):
 
 
 # docs/synthetic.md states these shares of pixels (32 px scenes): background, each foreground class.
-CLASS_BALANCE = {"textures": ((0.62, 0.76), (0.045, 0.09)), "shapes": ((0.76, 0.88), (0.015, 0.07))}
+CLASS_BALANCE = {"textures": ((0.62, 0.76), (0.045, 0.09)), "glyphs": ((0.62, 0.76), (0.045, 0.09)),
+                 "shapes": ((0.76, 0.88), (0.015, 0.07))}
 
 
-@pytest.mark.parametrize("kind", ["textures", "shapes"])
+@pytest.mark.parametrize("kind", ["textures", "glyphs", "shapes"])
 def test_synthetic_masks_have_the_documented_classes_band_and_balance(kind):
     masks = np.stack([scenes.render(kind, np.random.default_rng([7, i]), 32)[1] for i in range(256)])
     (bg_lo, bg_hi), (fg_lo, fg_hi) = CLASS_BALANCE[kind]
@@ -145,6 +146,25 @@ def test_synthetic_masks_have_the_documented_classes_band_and_balance(kind):
     # A band, not regions: no ignore pixel has a whole 3x3 neighbourhood of ignore.
     windows = np.lib.stride_tricks.sliding_window_view(masks == 255, (3, 3), axis=(1, 2))
     assert not windows.all(axis=(-2, -1)).any()
+
+
+@pytest.mark.parametrize("kind", list(scenes.KINDS))
+def test_every_kind_renders_the_same_scene_from_the_same_seed(kind):
+    first, again = (scenes.render(kind, np.random.default_rng([3, 5]), 32) for _ in range(2))
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    other = scenes.render(kind, np.random.default_rng([3, 6]), 32)
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_glyph_classes_differ_in_the_shape_of_a_mark_not_in_its_ink():
+    from mkd_ray.data.scenes.glyphs import _shape
+
+    u, v = np.meshgrid(np.linspace(-0.5, 0.5, 201), np.linspace(-0.5, 0.5, 201))
+    marks = [_shape(c, u, v) for c in range(1, 5)]
+    assert all(0.43 <= m.mean() <= 0.48 for m in marks)  # docs/synthetic.md: 44-47% of the square
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert (marks[a] != marks[b]).mean() > 0.2, (a + 1, b + 1)
 
 
 def test_resolve_data_reports_missing_pieces(tmp_path, synthetic_root, tiny_overrides):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mkd_ray.data.scenes import shapes, textures
+from mkd_ray.data.scenes import glyphs, shapes, textures
 
-KINDS = {"textures": textures, "shapes": shapes}
+KINDS = {"textures": textures, "glyphs": glyphs, "shapes": shapes}
 
 
 def class_names(kind: str) -> list[str]:

@@ -34,22 +34,31 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     """(image HxWx3 float in [0, 1], label HxW uint8) at `size`; the caller renders at 2x."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     px = size / 32.0  # render pixels per pixel of a 32 px output: sizes below are in output pixels
-    image = _background(rng, yy, xx, size, px)
+    image = background(rng, yy, xx, size, px)
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(OBJECTS[0], OBJECTS[1] + 1)):  # later objects occlude earlier ones
         class_id = int(rng.integers(1, len(CLASS_NAMES)))
-        inside = _blob(rng, yy, xx, size, rng.uniform(*BLOB_RADIUS) * px)
+        inside = blob(rng, yy, xx, size, rng.uniform(*BLOB_RADIUS) * px)
         pattern = _pattern(class_id, rng, yy, xx, rng.uniform(*PERIOD) * px)
-        first = rng.uniform(0, 1, size=3)
-        # Mostly a change of brightness (either sign), tinted: as the marks of a material are.
-        direction = np.sign(rng.uniform(-1, 1)) + rng.normal(0, TINT, size=3)
-        second = np.clip(first + rng.uniform(*CONTRAST) * direction / np.linalg.norm(direction), 0, 1)
-        painted = first * (1 - pattern[..., None]) + second * pattern[..., None]
-        image[inside] = painted[inside]
+        image[inside] = paint(rng, pattern)[inside]
         label[inside] = class_id
-    image = image * rng.uniform(0.75, 1.2) + rng.uniform(-0.1, 0.1)  # global gain and offset
-    image = image + rng.normal(0, 0.03, size=image.shape)  # sensor noise
-    return np.clip(image, 0, 1), label
+    return camera(rng, image), label
+
+
+def paint(rng: np.random.Generator, pattern: np.ndarray) -> np.ndarray:
+    """Colour a [0, 1] pattern with two colours: any first colour, and a second that is mostly
+    a change of brightness (either sign), tinted, as the marks of a material are."""
+    first = rng.uniform(0, 1, size=3)
+    direction = np.sign(rng.uniform(-1, 1)) + rng.normal(0, TINT, size=3)
+    second = np.clip(first + rng.uniform(*CONTRAST) * direction / np.linalg.norm(direction), 0, 1)
+    return first * (1 - pattern[..., None]) + second * pattern[..., None]
+
+
+def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A global gain and offset, then sensor noise."""
+    image = image * rng.uniform(0.75, 1.2) + rng.uniform(-0.1, 0.1)
+    image = image + rng.normal(0, 0.03, size=image.shape)
+    return np.clip(image, 0, 1)
 
 
 def _pattern(class_id: int, rng: np.random.Generator, yy, xx, period: float) -> np.ndarray:
@@ -70,7 +79,7 @@ def _pattern(class_id: int, rng: np.random.Generator, yy, xx, period: float) -> 
     return cells[(yy / cell).astype(int), (xx / cell).astype(int)].astype(np.float32)
 
 
-def _blob(rng: np.random.Generator, yy, xx, size: int, radius: float) -> np.ndarray:
+def blob(rng: np.random.Generator, yy, xx, size: int, radius: float) -> np.ndarray:
     """An irregular star-convex region: a circle whose radius wobbles with the angle."""
     cy, cx = rng.uniform(0.1, 0.9, size=2) * size
     dy, dx = yy - cy, xx - cx
@@ -80,7 +89,7 @@ def _blob(rng: np.random.Generator, yy, xx, size: int, radius: float) -> np.ndar
     return np.hypot(dx, dy * stretch) <= radius * (1 + wobble)
 
 
-def _background(rng: np.random.Generator, yy, xx, size: int, px: float) -> np.ndarray:
+def background(rng: np.random.Generator, yy, xx, size: int, px: float) -> np.ndarray:
     """Clutter: a shaded field under overlapping flat discs and rectangles of random colours."""
     gradient = rng.uniform(-0.15, 0.15, size=(2, 3))
     image = rng.uniform(0, 1, size=3) + (yy[..., None] * gradient[0] + xx[..., None] * gradient[1]) / size
