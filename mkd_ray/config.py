@@ -37,7 +37,8 @@ def _range(lo=None, hi=None, lo_open=False, hi_open=False) -> dict:
 class SynthConfig:
     """The embedded synthetic dataset (see mkd_ray/data/synthetic.py and mkd_ray/data/scenes/)."""
 
-    # "textures": a pixel's class is its local texture (the default benchmark); "shapes": an
+    # "textures": a pixel's class is its local texture (the default benchmark); "glyphs": the
+    # shape of the marks around it (a second family, for the generality check); "shapes": an
     # object's outline, which CutMix cuts (the negative case, docs/synthetic.md).
     kind: Literal["textures", "glyphs", "shapes"] = "textures"
 

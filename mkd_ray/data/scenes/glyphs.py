@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from mkd_ray.data.scenes.textures import BLOB_RADIUS, OBJECTS, background, blob, camera, paint
+from mkd_ray.data.scenes.textures import compose
 
 CLASS_NAMES = ["background", "rings", "crosses", "triangles", "bars"]
 MARK_SIZE = (5.0, 7.0)  # output pixels across a mark
@@ -24,22 +24,13 @@ SPACING = (1.15, 1.45)  # lattice step, in mark sizes
 
 def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(image HxWx3 float in [0, 1], label HxW uint8) at `size`; the caller renders at 2x."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    px = size / 32.0
-    image = background(rng, yy, xx, size, px)
-    label = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(rng.integers(OBJECTS[0], OBJECTS[1] + 1)):  # later objects occlude earlier ones
-        class_id = int(rng.integers(1, len(CLASS_NAMES)))
-        inside = blob(rng, yy, xx, size, rng.uniform(*BLOB_RADIUS) * px)
-        marks = _marks(class_id, rng, yy, xx, rng.uniform(*MARK_SIZE) * px)
-        image[inside] = paint(rng, marks)[inside]
-        label[inside] = class_id
-    return camera(rng, image), label
+    return compose(rng, size, len(CLASS_NAMES), _marks)
 
 
-def _marks(class_id: int, rng: np.random.Generator, yy, xx, mark: float) -> np.ndarray:
+def _marks(class_id: int, rng: np.random.Generator, yy, xx, px: float) -> np.ndarray:
     """1 on the marks of `class_id` over the whole canvas, 0 between them: one mark per cell of
     a lattice at a random orientation, each shifted within its cell and turned at random."""
+    mark = rng.uniform(*MARK_SIZE) * px
     step = mark * rng.uniform(*SPACING)
     angle = rng.uniform(0, math.pi)
     a = (xx * math.cos(angle) + yy * math.sin(angle)) / step + rng.uniform(0, 1)

@@ -15,6 +15,7 @@ of each texture before it stops confusing them with each other and with the clut
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -29,18 +30,27 @@ BLOB_RADIUS = (4.5, 9.0)  # output pixels
 OBJECTS = (1, 3)  # per image, inclusive
 BACKGROUND_PATCHES = (4, 10)
 
+# (class_id, rng, yy, xx, render pixels per output pixel) -> a [0, 1] pattern over the canvas.
+Pattern = Callable[[int, np.random.Generator, np.ndarray, np.ndarray, float], np.ndarray]
+
 
 def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(image HxWx3 float in [0, 1], label HxW uint8) at `size`; the caller renders at 2x."""
+    return compose(rng, size, len(CLASS_NAMES), _pattern)
+
+
+def compose(rng: np.random.Generator, size: int, num_classes: int, pattern: Pattern) -> tuple[np.ndarray, np.ndarray]:
+    """A scene of this family: the cluttered background, one to three blobs of random classes,
+    each filled with `pattern(class_id, rng, yy, xx, px)` in two colours, then the camera.
+    The glyphs family shares it, with its own pattern."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     px = size / 32.0  # render pixels per pixel of a 32 px output: sizes below are in output pixels
     image = background(rng, yy, xx, size, px)
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(OBJECTS[0], OBJECTS[1] + 1)):  # later objects occlude earlier ones
-        class_id = int(rng.integers(1, len(CLASS_NAMES)))
+        class_id = int(rng.integers(1, num_classes))
         inside = blob(rng, yy, xx, size, rng.uniform(*BLOB_RADIUS) * px)
-        pattern = _pattern(class_id, rng, yy, xx, rng.uniform(*PERIOD) * px)
-        image[inside] = paint(rng, pattern)[inside]
+        image[inside] = paint(rng, pattern(class_id, rng, yy, xx, px))[inside]
         label[inside] = class_id
     return camera(rng, image), label
 
@@ -61,8 +71,9 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 1)
 
 
-def _pattern(class_id: int, rng: np.random.Generator, yy, xx, period: float) -> np.ndarray:
-    """A [0, 1] texture over the whole canvas at a random orientation and phase."""
+def _pattern(class_id: int, rng: np.random.Generator, yy, xx, px: float) -> np.ndarray:
+    """A [0, 1] texture over the whole canvas at a random period, orientation and phase."""
+    period = rng.uniform(*PERIOD) * px
     angle = rng.uniform(0, math.pi)
     u = (xx * math.cos(angle) + yy * math.sin(angle)) / period + rng.uniform(0, 1)
     v = (-xx * math.sin(angle) + yy * math.cos(angle)) / period + rng.uniform(0, 1)
