@@ -109,8 +109,8 @@ def _unimatch_strong(image: torch.Tensor, rng: np.random.Generator, blur_sigma: 
 
 
 def strong_photometric(image: torch.Tensor, kind: str, rng: np.random.Generator,
-                       blur_sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
-    """`blur_sigma`: the Gaussian blur's sigma range in pixels (the reference's is 0.1-2.0)."""
+                       blur_sigma: tuple[float, float] = AugmentConfig.blur_sigma) -> torch.Tensor:
+    """`blur_sigma`: the Gaussian blur's sigma range in pixels (`augment.blur_sigma`)."""
     if kind == "reference":
         return _reference_strong(image, rng, blur_sigma)
     if kind == "unimatch":
