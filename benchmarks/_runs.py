@@ -93,12 +93,14 @@ def prepared_base(args, out: Path) -> tuple[list[str], ExperimentConfig]:
     once here, before runs start side by side; evaluation and checkpoint at the end only."""
     from mkd_ray.config import load_config
     from mkd_ray.data.sources import ensure_synthetic
+    from mkd_ray.models.pretrain import with_source_backbone
 
     base = list(args.overrides)
     if args.smoke:
         base = SMOKE + [f"data.root={out / 'data'}"] + base
     cfg = load_config(args.pipeline, base)
     ensure_synthetic(cfg, log=lambda *_: None)
+    with_source_backbone(cfg)  # pre-trained once here, if the runs ask for it, not by each run at once
     return base + [f"train.eval_interval={cfg.train.iters}", f"train.checkpoint_interval={cfg.train.iters}"], cfg
 
 

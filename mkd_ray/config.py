@@ -136,7 +136,9 @@ class ModelConfig:
     aspp_dropout: float = field(default=0.5, metadata=_range(0, 1, hi_open=True))
     low_level_channels: int = field(default=48, metadata=_range(4))
     decoder_channels: int = field(default=256, metadata=_range(8))
-    # None (random init), "imagenet" (torchvision weights API) or a path to a state dict.
+    # None (random init), "imagenet" (torchvision weights API), "source" (this layout's
+    # backbone pre-trained on the embedded source task, made on first use: `run.py pretrain`)
+    # or a path to a state dict.
     pretrained: Optional[str] = None
 
 
@@ -463,15 +465,19 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+_NAMED_WEIGHTS = (None, "imagenet", "source")
+
+
 def _check_pretrained(m: ModelConfig) -> None:
     """Weights are loaded when the model is built, after the dataset check; a wrong
     model.pretrained fails here instead, before any work. The string 'none' is a file name
     like any other: YAML spells "no weights" null."""
     if m.pretrained == "imagenet" and m.width != 1.0:
         raise ConfigError("model.pretrained", "ImageNet weights exist only for model.width=1.0")
-    if m.pretrained not in (None, "imagenet") and not Path(m.pretrained).is_file():
+    if m.pretrained not in _NAMED_WEIGHTS and not Path(m.pretrained).is_file():
         raise ConfigError("model.pretrained", f"weights file {m.pretrained!r} does not exist; expected a path to an "
-                          "existing weights file, 'imagenet', or null for random initialisation (--set model.pretrained=null)")
+                          "existing weights file, 'imagenet', 'source' (the embedded source task's backbone), or null "
+                          "for random initialisation (--set model.pretrained=null)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -545,6 +551,6 @@ def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Expe
     if (base / cfg.data.split / "labeled.txt").is_file():
         data = dataclasses.replace(data, split=absolute(cfg.data.split))
     model = cfg.model
-    if model.pretrained not in (None, "imagenet"):
+    if model.pretrained not in _NAMED_WEIGHTS:
         model = dataclasses.replace(model, pretrained=absolute(model.pretrained))
     return dataclasses.replace(cfg, data=data, model=model)

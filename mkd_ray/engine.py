@@ -30,6 +30,7 @@ from mkd_ray.evaluate import center_box, evaluate, normalize
 from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.models import build_model
+from mkd_ray.models.pretrain import with_source_backbone
 
 
 def resolve_device(cfg: ExperimentConfig) -> torch.device:
@@ -249,6 +250,7 @@ def train_local(
     torch.manual_seed(cfg.train.seed)
     ensure_synthetic(cfg, log)
     data = data or checked_data(cfg, log)
+    cfg = with_source_backbone(cfg, log)  # after the checks: pre-training takes minutes
     device = resolve_device(cfg)
     method = build_method(cfg).to(device)
     configure_threads(cfg, method, device)

@@ -85,6 +85,7 @@ CASES = [
     ("submit bad inner config", ["submit", "--address", "http://127.0.0.1:9", "--", "train", "--set", "method.lambda_ss=-1"],
      ["method.lambda_ss"], None),
     ("jobs without address", ["jobs", "list"], ["--address"], None),
+    ("pretrain for no iterations", ["pretrain", "--iters", "0"], ["--iters", "at least 1"], None),
     ("pack into a non-empty folder", ["data", "pack", "--out", "pack"], ["pack", "not empty"], None),
     ("pack rows-per-file 0", ["data", "pack", "--out", "newpack", "--rows-per-file", "0"], ["--rows-per-file"], None),
     ("folder splits without lists", ["data", "splits", "--dataset", "folder", "--root", "data/ok", "--labeled", "1_8"],
@@ -92,6 +93,8 @@ CASES = [
     # dataset layout
     ("missing data root", ["train", "--set", "data.root=data/nowhere", "--set", "data.dataset=folder"], ["data/nowhere", "does not exist"], None),
     ("missing split", ["train", "--set", "data.root=data/ok", "--set", "data.split=1_3"], ["data.split '1_3'"], None),
+    ("missing split, source backbone", ["train", "--local", "--set", "data.root=data/ok", "--set", "data.split=1_3",
+                                        "--set", "model.pretrained=source"], ["data.split '1_3'"], None),
     ("split names a missing image", ["train", *T], ["labeled.txt:1", "nope.jpg", "does not exist"], "missing image"),
     ("malformed split line", ["train", *T], ["labeled.txt:1", "expected '<image> <mask>'"], "three fields"),
     ("empty unlabeled list", ["train", *T], ["unlabeled.txt", "no samples"], "empty unlabeled"),

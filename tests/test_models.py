@@ -59,3 +59,81 @@ def test_bad_weights_file_is_refused(tmp_path):
         load_backbone_weights(model.backbone, str(path))
     with pytest.raises(FileNotFoundError, match="model.pretrained"):
         load_backbone_weights(model.backbone, str(tmp_path / "missing.pth"))
+
+
+def test_source_task_has_its_own_label_set_and_renders_deterministically():
+    import numpy as np
+
+    from mkd_ray.data.scenes import glyphs, source, textures
+
+    assert not set(source.CATEGORIES) & (set(textures.CLASS_NAMES) | set(glyphs.CLASS_NAMES))
+    images, labels = source.classification_set(per_category=2, size=32, seed=3)
+    again, _ = source.classification_set(per_category=2, size=32, seed=3)
+    assert images.shape == (2 * len(source.CATEGORIES), 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, again) and np.bincount(labels).tolist() == [2] * len(source.CATEGORIES)
+    assert len({image.tobytes() for image in images}) == len(images)
+
+
+def test_pretrained_source_backbone_loads_into_every_branch(tmp_path):
+    from mkd_ray.models.pretrain import SourceTask, cache_path, pretrain
+
+    cfg = ModelConfig(backbone="resnet18", width=0.125, output_stride=8, aspp_channels=16, decoder_channels=16,
+                      low_level_channels=8)
+    task = SourceTask(per_category=2, heldout_per_category=1, iters=3, batch_size=8)
+    out = cache_path(tmp_path, cfg, task)
+    assert cache_path(tmp_path, ModelConfig(width=0.25, output_stride=8), task) != out  # another layout, another file
+    report = pretrain(cfg, task, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), out, log=lambda _: None)
+    assert out.is_file() and out.with_suffix(".json").is_file() and 0 <= report["heldout_accuracy"] <= 1
+    weights = torch.load(out, weights_only=True)
+    loaded = ModelConfig(**{**cfg.__dict__, "pretrained": str(out)})
+    for seed in (0, 1):  # the two branches: different heads, the same backbone
+        backbone = build_model(loaded, 5, seed=seed).backbone.state_dict()
+        assert all(torch.equal(backbone[k], v) for k, v in weights.items()) and len(weights) == len(backbone)
+    random_init = build_model(cfg, 5, seed=0).backbone.state_dict()
+    assert not torch.equal(random_init["layer4.1.conv2.weight"], weights["layer4.1.conv2.weight"])
+
+
+def test_source_names_one_cached_backbone_per_layout(tmp_path, monkeypatch):
+    from mkd_ray.config import load_config, with_absolute_paths
+    from mkd_ray.models import pretrain
+
+    monkeypatch.setattr(pretrain, "CACHE", tmp_path / "cache")
+    task = pretrain.SourceTask(per_category=2, heldout_per_category=1, iters=2, batch_size=8)
+    tiny = ["model.width=0.125", "model.aspp_channels=16", "model.decoder_channels=16", "model.low_level_channels=8"]
+    cfg = with_absolute_paths(load_config(None, [*tiny, "model.pretrained=source"]))
+    assert cfg.model.pretrained == "source"  # a name, not a path, until a driver resolves it
+    with pytest.raises(ValueError, match="'source' names a file"):
+        build_model(cfg.model, 5)
+    logged = []
+    resolved = pretrain.with_source_backbone(cfg, logged.append, task)
+    path = resolved.model.pretrained
+    assert path == str(pretrain.cache_path(tmp_path / "cache", cfg.model, task).resolve()) and logged
+    assert pretrain.with_source_backbone(cfg, logged.append, task) == resolved and len(logged) == len(set(logged))
+    weights = torch.load(path, weights_only=True)
+    assert torch.equal(build_model(resolved.model, 5, seed=1).backbone.layer1[0].conv1.weight, weights["layer1.0.conv1.weight"])
+    unchanged = load_config(None, tiny)
+    assert pretrain.with_source_backbone(unchanged, logged.append, task) is unchanged
+
+
+def test_a_sweep_with_the_source_backbone_cannot_search_its_layout(tmp_path):
+    from mkd_ray.config import ConfigError
+    from mkd_ray.tune.space import load_sweep
+    from tests.conftest import REPO
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"base: {REPO / 'pipelines' / 'synthetic.yaml'}\nset: {{model.pretrained: source}}\n"
+                     "space:\n  model.width: {choice: [0.25, 0.5]}\n")
+    with pytest.raises(ConfigError, match="space.model.width: the sweep loads one source-task backbone"):
+        load_sweep(space)
+    space.write_text(space.read_text().replace("model.width", "method.ema_decay").replace("[0.25, 0.5]", "[0.99, 0.999]"))
+    assert load_sweep(space).base.model.pretrained == "source"
+
+
+def test_pretrain_command_writes_weights_that_train_reads(tmp_path, capsys):
+    from mkd_ray.cli import main
+
+    out = tmp_path / "backbone.pt"
+    assert main(["pretrain", "--iters", "2", "--per-category", "1", "--out", str(out), "--set", "model.width=0.125"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and f"--set model.pretrained={out}" in printed
+    assert torch.load(out, weights_only=True)["stem.0.weight"].shape[0] == 8  # 64 * 0.125 stem channels

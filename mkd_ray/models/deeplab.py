@@ -38,6 +38,9 @@ class DeepLabV3Plus(nn.Module):
             _conv_bn_relu(cfg.decoder_channels, cfg.decoder_channels, 3),
         )
         self.classifier = nn.Conv2d(cfg.decoder_channels, num_classes, 1)
+        if cfg.pretrained == "source":
+            raise ValueError("model.pretrained: 'source' names a file that run.py resolves before building a model "
+                             "(mkd_ray.models.pretrain.with_source_backbone)")
         if cfg.pretrained not in (None, "imagenet"):
             load_backbone_weights(self.backbone, cfg.pretrained)
 

@@ -23,6 +23,7 @@ from mkd_ray.config import ExperimentConfig, with_absolute_paths
 from mkd_ray.data.ray_data import unlabeled_dataset
 from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
 from mkd_ray.engine import TrainingDiverged, default_run_name, evaluate_checkpoint
+from mkd_ray.models.pretrain import with_source_backbone
 from mkd_ray.train.loop import DIVERGED, draws_per_step, train_loop_per_worker
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -194,6 +195,7 @@ def fit(
     cfg = with_absolute_paths(cfg)
     ensure_synthetic(cfg)
     data = checked_data(cfg)  # every listed file exists and reads: fail here, before Ray starts
+    cfg = with_source_backbone(cfg)  # after the checks: pre-training takes minutes
     _check_resumable(cfg, storage.join(storage.resolve(storage_path), name))
     connect(address)
     resources = plan_run(cfg, ray.cluster_resources())  # a run that cannot fit fails here, before anything starts

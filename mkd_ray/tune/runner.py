@@ -33,6 +33,7 @@ from mkd_ray import tracking
 from mkd_ray.config import ConfigError, ExperimentConfig, config_from_dict, with_absolute_paths
 from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
 from mkd_ray.console import Console, Stalled, new_board, verbose
+from mkd_ray.models.pretrain import with_source_backbone
 from mkd_ray.train.resources import RunResources, plan_run, runs_that_fit
 from mkd_ray.train.trainer import RunPlacement, build_trainer, checkpoint_step, connect, fit_trainer
 from mkd_ray.tune.space import Sweep
@@ -261,6 +262,7 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
     base_cfg = with_absolute_paths(sweep.base)
     ensure_synthetic(base_cfg)
     base_data = checked_data(base_cfg)  # a bad dataset fails here, before Ray starts
+    base_cfg = with_source_backbone(base_cfg)  # after the checks: pre-training takes minutes
     base = yaml.safe_load(yaml.safe_dump(base_cfg.to_dict()))
     storage = storage_paths.resolve(storage)  # a shared filesystem path or an object-store URI
     sweep_dir = storage_paths.join(storage, name)

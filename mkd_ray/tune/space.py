@@ -35,6 +35,7 @@ from mkd_ray.config import (
     read_yaml,
     unknown_key_error,
 )
+from mkd_ray.models.pretrain import LAYOUT_KEYS, SOURCE
 
 # name -> number of arguments (None: a non-empty list of values)
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid": None}
@@ -178,7 +179,18 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     settings = _build(TuneSettings, tune_tree, "tune")
     space = _dimensions(data.get("space"), base_tree)
     _check_settings(settings, space, base)
+    _check_one_backbone(space, base)
     return Sweep(path, base_tree, base, space, settings)
+
+
+def _check_one_backbone(space: dict, base: ExperimentConfig) -> None:
+    """`model.pretrained: source` is resolved once, for the base's layout: trials of another
+    layout would load only the tensors whose shapes happen to match."""
+    searched = [key for key in space if key in LAYOUT_KEYS]
+    if base.model.pretrained == SOURCE and searched:
+        raise ConfigError(f"space.{searched[0]}", "the sweep loads one source-task backbone (model.pretrained=source) "
+                          "for every trial, so it cannot search the backbone's layout; search it with "
+                          "model.pretrained=null, or fix the layout")
 
 
 def _base_tree(path: Path, data: dict) -> dict:

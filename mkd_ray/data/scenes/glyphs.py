@@ -12,6 +12,7 @@ and so its pixels' labels; colour, contrast, mark size, spacing and rotation are
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -28,8 +29,14 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 
 
 def _marks(class_id: int, rng: np.random.Generator, yy, xx, px: float) -> np.ndarray:
-    """1 on the marks of `class_id` over the whole canvas, 0 between them: one mark per cell of
-    a lattice at a random orientation, each shifted within its cell and turned at random."""
+    """1 on the marks of `class_id` over the whole canvas, 0 between them."""
+    return strew(lambda u, v: _shape(class_id, u, v), rng, yy, xx, px)
+
+
+def strew(shape: Callable[[np.ndarray, np.ndarray], np.ndarray], rng: np.random.Generator, yy, xx, px: float) -> np.ndarray:
+    """1 where `shape(u, v)` (mark coordinates, in mark sizes from its centre) holds, over the
+    whole canvas: one mark per cell of a lattice at a random orientation, each shifted within
+    its cell and turned at random."""
     mark = rng.uniform(*MARK_SIZE) * px
     step = mark * rng.uniform(*SPACING)
     angle = rng.uniform(0, math.pi)
@@ -46,7 +53,7 @@ def _marks(class_id: int, rng: np.random.Generator, yy, xx, px: float) -> np.nda
     db = (b - np.floor(b) - 0.5 - shift_b[i, j]) * step / mark
     u = da * np.cos(turn) + db * np.sin(turn)
     v = -da * np.sin(turn) + db * np.cos(turn)
-    return _shape(class_id, u, v).astype(np.float32)
+    return shape(u, v).astype(np.float32)
 
 
 def _shape(class_id: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:

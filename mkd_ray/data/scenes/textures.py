@@ -39,17 +39,18 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     return compose(rng, size, len(CLASS_NAMES), _pattern)
 
 
-def compose(rng: np.random.Generator, size: int, num_classes: int, pattern: Pattern) -> tuple[np.ndarray, np.ndarray]:
-    """A scene of this family: the cluttered background, one to three blobs of random classes,
-    each filled with `pattern(class_id, rng, yy, xx, px)` in two colours, then the camera.
-    The glyphs family shares it, with its own pattern."""
+def compose(rng: np.random.Generator, size: int, num_classes: int, pattern: Pattern,
+            objects: tuple[int, int] = OBJECTS, radius: tuple[float, float] = BLOB_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """A scene of this family: the cluttered background, `objects` (inclusive range) blobs of
+    random classes, each filled with `pattern(class_id, rng, yy, xx, px)` in two colours, then
+    the camera. The glyphs family and the pre-training source task share it."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     px = size / 32.0  # render pixels per pixel of a 32 px output: sizes below are in output pixels
     image = background(rng, yy, xx, size, px)
     label = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(rng.integers(OBJECTS[0], OBJECTS[1] + 1)):  # later objects occlude earlier ones
+    for _ in range(rng.integers(objects[0], objects[1] + 1)):  # later objects occlude earlier ones
         class_id = int(rng.integers(1, num_classes))
-        inside = blob(rng, yy, xx, size, rng.uniform(*BLOB_RADIUS) * px)
+        inside = blob(rng, yy, xx, size, rng.uniform(*radius) * px)
         image[inside] = paint(rng, pattern(class_id, rng, yy, xx, px))[inside]
         label[inside] = class_id
     return camera(rng, image), label
@@ -71,12 +72,19 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 1)
 
 
-def _pattern(class_id: int, rng: np.random.Generator, yy, xx, px: float) -> np.ndarray:
-    """A [0, 1] texture over the whole canvas at a random period, orientation and phase."""
+def oriented_grid(rng: np.random.Generator, yy, xx, px: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Canvas coordinates (u, v) in periods, at a random period, orientation and phase; and
+    the period in render pixels."""
     period = rng.uniform(*PERIOD) * px
     angle = rng.uniform(0, math.pi)
     u = (xx * math.cos(angle) + yy * math.sin(angle)) / period + rng.uniform(0, 1)
     v = (-xx * math.sin(angle) + yy * math.cos(angle)) / period + rng.uniform(0, 1)
+    return u, v, period
+
+
+def _pattern(class_id: int, rng: np.random.Generator, yy, xx, px: float) -> np.ndarray:
+    """A [0, 1] texture over the whole canvas at a random period, orientation and phase."""
+    u, v, period = oriented_grid(rng, yy, xx, px)
     if class_id == 1:  # stripes: bars along one direction
         return (u % 1.0 < 0.5).astype(np.float32)
     if class_id == 2:  # checks: alternating squares along two directions
