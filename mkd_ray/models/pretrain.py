@@ -30,6 +30,11 @@ from mkd_ray.evaluate import normalize
 from mkd_ray.models.backbones import build_backbone
 
 
+SOURCE = "source"  # model.pretrained's name for the source-task backbone of the model's layout
+CACHE = Path("data/pretrained")
+LAYOUT_KEYS = ("model.backbone", "model.width", "model.output_stride", "model.stem_pool")
+
+
 @dataclass(frozen=True)
 class SourceTask:
     per_category: int = 400  # training images per category (19 categories)
@@ -77,20 +82,7 @@ def pretrain(model: ModelConfig, task: SourceTask, mean, std, out: Path,
     backbone = build_backbone(model.backbone, model.output_stride, model.width, None, model.stem_pool)
     channels = backbone(torch.zeros(1, 3, task.image_size, task.image_size))[1].shape[1]
     net = _Classifier(backbone, channels, len(source.CATEGORIES))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=task.lr, weight_decay=task.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, task.lr, total_steps=task.iters, pct_start=0.1)
-    x_all, y_all = _as_input(images, mean, std), torch.from_numpy(labels)
-    rng = np.random.default_rng(task.seed)
-    net.train()
-    for step in range(1, task.iters + 1):
-        pick = torch.from_numpy(rng.integers(0, len(y_all), task.batch_size))
-        loss = F.cross_entropy(net(_crop_and_flip(x_all[pick], rng)), y_all[pick])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % max(1, task.iters // 10) == 0:
-            log(f"pre-train step {step}/{task.iters}  loss={loss.item():.3f}")
+    _fit(net, _as_input(images, mean, std), torch.from_numpy(labels), task, log)
     report = {"categories": source.CATEGORIES, "task": dataclasses.asdict(task),
               "heldout_accuracy": _accuracy(net, _as_input(held_images, mean, std), torch.from_numpy(held_labels)),
               "generation_s": round(generated, 1), "seconds": round(time.perf_counter() - started, 1)}
@@ -103,6 +95,23 @@ def pretrain(model: ModelConfig, task: SourceTask, mean, std, out: Path,
     partial.replace(out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: SourceTask, log: Callable[[str], None]) -> None:
+    """AdamW with a one-cycle schedule on random batches of (x, y), cropped and flipped."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=task.lr, weight_decay=task.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, task.lr, total_steps=task.iters, pct_start=0.1)
+    rng = np.random.default_rng(task.seed)
+    net.train()
+    for step in range(1, task.iters + 1):
+        pick = torch.from_numpy(rng.integers(0, len(y), task.batch_size))
+        loss = F.cross_entropy(net(_crop_and_flip(x[pick], rng)), y[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % max(1, task.iters // 10) == 0:
+            log(f"pre-train step {step}/{task.iters}  loss={loss.item():.3f}")
 
 
 def _as_input(images: np.ndarray, mean, std) -> torch.Tensor:
@@ -125,11 +134,6 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     predictions = torch.cat([net(chunk).argmax(1) for chunk in x.split(256)])
     net.train()
     return round((predictions == y).float().mean().item(), 4)
-
-
-SOURCE = "source"  # model.pretrained's name for the source-task backbone of the model's layout
-CACHE = Path("data/pretrained")
-LAYOUT_KEYS = ("model.backbone", "model.width", "model.output_stride", "model.stem_pool")
 
 
 def with_source_backbone(cfg: ExperimentConfig, log: Callable[[str], None] = print,
