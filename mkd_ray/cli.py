@@ -396,14 +396,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from mkd_ray.models.pretrain import cache_path, pretrain
+    from mkd_ray.models.pretrain import CACHE, cache_path, pretrain
 
     cfg = load_config(args.pipeline, args.overrides)
     for flag, value in (("--iters", args.iters), ("--per-category", args.per_category)):
         if value < 1:
             raise ConfigError(flag, f"must be at least 1, got {value}")
     task = SourceTask(iters=args.iters, per_category=args.per_category, seed=args.seed)
-    out = args.out or cache_path(Path("data/pretrained"), cfg.model, task)
+    out = args.out or cache_path(CACHE, cfg.model, task)
     if out.is_file() and args.out is None:
         print(f"already pre-trained: {out}")
     else:
