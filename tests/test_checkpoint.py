@@ -19,12 +19,15 @@ def _cfg(overrides, *extra):
                                                                            "train.checkpoint_interval=3", *extra])
 
 
-def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_overrides, tmp_path):
+# Warm-up 4: stopped inside the supervised-only steps, where no unlabeled batch is read.
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_overrides, tmp_path, warmup):
     quiet = dict(log=lambda *_: None)
-    straight = train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "a", **quiet)["method"]
-    train_local(_cfg(tiny_overrides, "train.stop_at=3"), checkpoint_dir=tmp_path / "b", **quiet)
+    overrides = tiny_overrides + [f"method.warmup_iters={warmup}"]
+    straight = train_local(_cfg(overrides), checkpoint_dir=tmp_path / "a", **quiet)["method"]
+    train_local(_cfg(overrides, "train.stop_at=3"), checkpoint_dir=tmp_path / "b", **quiet)
     assert ckpt.load_state(tmp_path / "b")["step"] == 3
-    resumed = train_local(_cfg(tiny_overrides), checkpoint_dir=tmp_path / "b", **quiet)["method"]
+    resumed = train_local(_cfg(overrides), checkpoint_dir=tmp_path / "b", **quiet)["method"]
     assert int(resumed.iteration) == 6
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()

@@ -19,7 +19,7 @@ from mkd_ray.config import load_config
 from mkd_ray.data.io import DatasetError
 from mkd_ray.data.sources import resolve_data
 from mkd_ray.data.torch_data import eval_batches
-from mkd_ray.engine import build_method, run_evaluation
+from mkd_ray.engine import build_method, run_evaluation, train_local
 from mkd_ray.train.trainer import fit
 from tests.conftest import REPO
 
@@ -151,6 +151,16 @@ def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path
     with pytest.raises(ckpt.CheckpointError, match=r"model.width: 0.25 in the checkpoint vs 0.5"):
         fit(_cfg(tiny_overrides, "model.width=0.5", "train.iters=9"), name="resumed", storage_path=tmp_path)
     assert (tmp_path / "resumed" / "step_00000006" / "state.pt").read_bytes() == before
+
+
+def test_ray_run_with_a_warm_up_trains_as_the_local_loop(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
+    # Both loops start the unlabeled stream where the warm-up ends (no warm-up step reads
+    # it), at the same draw: the weights come out bitwise the same.
+    cfg = _cfg(tiny_overrides, "method.warmup_iters=3", "train.threads=1")
+    result, _ = fit(cfg, name="warm", storage_path=tmp_path)
+    local = train_local(cfg, log=lambda *_: None)["method"].state_dict()
+    ray_weights = ckpt.load_state(result.checkpoint.path)["method"]
+    assert all(torch.equal(ray_weights[k], local[k]) for k in local)
 
 
 @pytest.mark.parametrize("source", ["folder", "parquet"])

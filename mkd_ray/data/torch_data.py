@@ -128,13 +128,15 @@ def endless_loader(refs: list[SampleRef], cfg: ExperimentConfig, labeled: bool, 
 
 def training_streams(labeled: list[SampleRef], unlabeled: list[SampleRef] | None, cfg: ExperimentConfig,
                      start_step: int = 0) -> tuple[Iterator[dict], Iterator[dict] | None]:
-    """The single-process loop's two batch streams from step `start_step` on; no unlabeled
-    stream when `unlabeled` is None (a method that uses labels only)."""
+    """The single-process loop's two batch streams from step `start_step` on, the unlabeled
+    one from the end of the warm-up; no unlabeled stream when `unlabeled` is None (a method
+    that uses labels only)."""
     d = cfg.data
     labeled_batches = iter(endless_loader(labeled, cfg, True, d.labeled_batch_size, start_step=start_step))
     if unlabeled is None:
         return labeled_batches, None
-    return labeled_batches, iter(endless_loader(unlabeled, cfg, False, d.unlabeled_batch_size, start_step=start_step))
+    first = cfg.method.unlabeled_from(start_step)
+    return labeled_batches, iter(endless_loader(unlabeled, cfg, False, d.unlabeled_batch_size, start_step=first))
 
 
 def eval_batches(refs: list[SampleRef], cfg: ExperimentConfig, batch_size: int) -> Iterator[dict]:

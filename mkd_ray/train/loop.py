@@ -154,7 +154,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, workers=cfg.data.labeled_workers,
                                   start_step=start_step, rank=rank))
     seen_draws: set = set()
-    first_draw = start_step * draws_per_step(cfg)
+    first_draw = cfg.method.unlabeled_from(start_step) * draws_per_step(cfg)
     unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None
     images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
     meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
@@ -163,7 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_step = cfg.train.last_step
     for step in range(start_step + 1, last_step + 1):
         waited_from = time.perf_counter()
-        unlabeled_batch = next(unlabeled) if unlabeled else None
+        unlabeled_batch = next(unlabeled) if unlabeled and step > cfg.method.warmup_iters else None
         labeled_batch = next(labeled)
         data_wait += time.perf_counter() - waited_from
         meter.count_skipped(unlabeled_batch)

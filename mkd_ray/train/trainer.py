@@ -155,7 +155,7 @@ def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
 
 def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int,
                                       placement: RunPlacement):
-    start = latest_step(run_dir) or initial_step
+    start = cfg.method.unlabeled_from(latest_step(run_dir) or initial_step)
     per_step = draws_per_step(cfg)
     return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step,
                              actors=placement.resources.data_actors, placement_group=placement.placement_group,
