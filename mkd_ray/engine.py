@@ -157,14 +157,16 @@ class ProgressMeter:
     """Images/s, ETA and averaged step metrics between log lines; .item() only here."""
 
     total_iters: int
-    images_per_step: int
     start_step: int = 0
+    # Ranks stepping in lockstep: images/s counts the whole group's.
+    ranks: int = 1
     _t0: float = field(default_factory=time.perf_counter)
     _last_t: float = field(default_factory=time.perf_counter)
     _last_step: int = 0
     _sums: dict = field(default_factory=dict)
     _counts: dict = field(default_factory=dict)
     _n: int = 0
+    _images: int = 0
     # Stays a tensor (no host sync per step); read at report steps through `finite_flag()`.
     _finite: Optional[torch.Tensor] = None
     # Unreadable unlabeled images the stream replaced (a CPU count, read from the batches).
@@ -173,7 +175,10 @@ class ProgressMeter:
     def __post_init__(self):
         self._last_step = self.start_step
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], images: int = 0) -> None:
+        """One step's metrics and the images it read on this rank (warm-up steps read no
+        unlabeled ones)."""
+        self._images += images
         for key, value in metrics.items():
             value = value.detach()
             if key in _UNDEFINED_SOME_STEPS:  # averaged over the steps that defined it
@@ -200,12 +205,12 @@ class ProgressMeter:
         out = {k: float(v) / max(self._n, 1) for k, v in self._sums.items()}
         for key, count in self._counts.items():  # nan where no step defined it
             out[key] = float(self._sums[key]) / float(count) if float(count) else float("nan")
-        out["images_per_s"] = rate * self.images_per_step
+        out["images_per_s"] = self._images * self.ranks / max(now - self._last_t, 1e-9)
         out["seconds_per_iter"] = 1.0 / rate
         out["eta_s"] = (self.total_iters - step) / rate
         # Peak resident memory of this process so far (Linux reports KiB).
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self._sums, self._counts, self._n, self._last_t, self._last_step = {}, {}, 0, now, step
+        self._sums, self._counts, self._n, self._images, self._last_t, self._last_step = {}, {}, 0, 0, now, step
         return out
 
     @staticmethod
@@ -267,8 +272,7 @@ def train_local(
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
     labeled, unlabeled = training_streams(data.labeled, data.unlabeled if method.uses_unlabeled else None, cfg,
                                           start_step)
-    images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
-    meter = ProgressMeter(cfg.train.iters, images_per_step, start_step)
+    meter = ProgressMeter(cfg.train.iters, start_step)
     history: list[dict] = []
     result: dict = {}
     start = time.perf_counter()
@@ -278,7 +282,7 @@ def train_local(
         meter.count_skipped(unlabeled_batch)
         batch = to_batch(next(labeled), unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
-        meter.add(out.metrics)
+        meter.add(out.metrics, batch.num_images)
         if is_report_step(step, cfg) and not meter.finite_flag():
             raise TrainingDiverged.at(step, optimizer.param_groups[0]["lr"])
         if step % cfg.train.log_interval == 0 or step == cfg.train.iters:

@@ -171,7 +171,7 @@ def test_progress_lines_average_kept_pseudo_label_accuracy_over_the_steps_that_k
 
     from mkd_ray.engine import ProgressMeter
 
-    meter = ProgressMeter(total_iters=10, images_per_step=16)
+    meter = ProgressMeter(total_iters=10)
     for kept in (float("nan"), 0.8, 0.6):  # the first step kept no pixel
         meter.add({"loss": torch.tensor(1.0), "pseudo_acc_kept": torch.tensor(kept)})
     values = meter.summary(3)

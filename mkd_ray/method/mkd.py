@@ -76,10 +76,15 @@ class Batch:
 
     @classmethod
     def labeled_only(cls, x_l: torch.Tensor, y_l: torch.Tensor) -> "Batch":
-        """For the supervised baseline, which never reads unlabeled images."""
+        """For steps that read no unlabeled images: the supervised baseline's, and warm-up steps."""
         empty = x_l[:0]
         no_pixels = y_l[:0].bool()
         return cls(x_l, y_l, empty, empty, no_pixels, no_pixels)
+
+    @property
+    def num_images(self) -> int:
+        """Images read for this batch: labeled plus unlabeled (none in a labeled-only one)."""
+        return self.x_l.shape[0] + self.x_w.shape[0]
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {k: (v.to(device, non_blocking=non_blocking) if v is not None else None) for k, v in vars(self).items()}

@@ -156,8 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seen_draws: set = set()
     first_draw = cfg.method.unlabeled_from(start_step) * draws_per_step(cfg)
     unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None
-    images_per_step = cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if unlabeled else 0)
-    meter = ProgressMeter(cfg.train.iters, images_per_step * world, start_step)
+    meter = ProgressMeter(cfg.train.iters, start_step, ranks=world)
     data_wait = 0.0
 
     last_step = cfg.train.last_step
@@ -169,7 +168,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         meter.count_skipped(unlabeled_batch)
         batch = to_batch(labeled_batch, unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
-        meter.add(out.metrics)
+        meter.add(out.metrics, batch.num_images)
         if not is_report_step(step, cfg):
             continue
         if not _all_finite(meter, world, device):
