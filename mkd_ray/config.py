@@ -193,10 +193,14 @@ class MethodConfig:
     # Supervised-only warm-up: no distillation before this step; the ramp-up starts here.
     warmup_iters: int = field(default=0, metadata=_range(0))
 
+    def reads_unlabeled(self, step: int) -> bool:
+        """Whether training step `step` (1-based) reads unlabeled images: no warm-up step does."""
+        return step > self.warmup_iters
+
     def unlabeled_from(self, steps_done: int) -> int:
         """The step count after which batches read unlabeled images, for a run resumed after
-        `steps_done` steps: no warm-up step reads them, so the unlabeled streams (indexed by
-        step, hence the same batches either way) start after the warm-up."""
+        `steps_done` steps: the unlabeled streams (indexed by step, hence the same batches
+        either way) start after the warm-up."""
         return max(steps_done, self.warmup_iters)
 
 

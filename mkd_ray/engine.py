@@ -278,7 +278,7 @@ def train_local(
     start = time.perf_counter()
     last_step = cfg.train.last_step
     for step in range(start_step + 1, last_step + 1):
-        unlabeled_batch = next(unlabeled) if unlabeled and step > cfg.method.warmup_iters else None
+        unlabeled_batch = next(unlabeled) if unlabeled and cfg.method.reads_unlabeled(step) else None
         meter.count_skipped(unlabeled_batch)
         batch = to_batch(next(labeled), unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)

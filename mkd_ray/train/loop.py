@@ -162,7 +162,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_step = cfg.train.last_step
     for step in range(start_step + 1, last_step + 1):
         waited_from = time.perf_counter()
-        unlabeled_batch = next(unlabeled) if unlabeled and step > cfg.method.warmup_iters else None
+        unlabeled_batch = next(unlabeled) if unlabeled and cfg.method.reads_unlabeled(step) else None
         labeled_batch = next(labeled)
         data_wait += time.perf_counter() - waited_from
         meter.count_skipped(unlabeled_batch)
