@@ -91,6 +91,16 @@ def test_shipped_spaces_load_and_search_the_method_knobs(name):
         assert {"method.tau_s", "method.lam_max"} <= set(sweep.space)
 
 
+def test_the_issue_23_search_space_loads_on_the_tuning_seed_from_the_source_backbone():
+    sweep = load_sweep(REPO / "tune_spaces" / "synthetic-search.yaml")
+    base = sweep.base
+    assert base.model.pretrained == "source" and base.data.synth.seed == 100 and base.data.root == "data/synthetic-tune"
+    assert {"method.threshold_mode", "method.tau_t", "method.lambda_st", "method.lambda_ss", "method.ema_decay",
+            "method.warmup_iters"} == set(sweep.space)
+    # ASHA's first rung comes after the longest warm-up it may sample.
+    assert sweep.tune.grace_period > max(sweep.space["method.warmup_iters"].args)
+
+
 def test_pbt_perturbations_stay_inside_the_searched_ranges(tmp_path):
     from mkd_ray.tune.runner import _clip_to_space
 

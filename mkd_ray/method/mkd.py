@@ -194,7 +194,7 @@ class MutualKD(nn.Module):
         n_l = batch.x_l.shape[0]
         # During the warm-up nothing reads the unlabeled images: each student takes exactly the
         # step supervised training takes, at its cost (the teachers still follow by EMA).
-        unlabeled = self.uses_unlabeled and int(self.iteration) >= cfg.warmup_iters
+        unlabeled = self.uses_unlabeled and cfg.reads_unlabeled(int(self.iteration) + 1)  # this step, 1-based
         if unlabeled:
             x_mix = to_strong_view(batch, batch.x_s)
             valid_u = to_strong_view(batch, ~batch.ignore_u)
