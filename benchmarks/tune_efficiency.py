@@ -24,7 +24,8 @@ from _common import REPO, emit, harness_parser, median, sets
 
 SMOKE = ["train.iters=8", "train.eval_interval=4", "train.checkpoint_interval=4", "train.log_interval=4",
          "model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32", "tune.num_samples=2",
-         "tune.grace_period=4", "data.synth.num_train=128", "data.synth.num_val=32", "data.synth.splits=['1_8']"]
+         "tune.grace_period=4", "data.synth.num_train=128", "data.synth.num_val=32", "data.synth.splits=['1_8']",
+         "model.pretrained=null"]  # smoke checks the harness, not the weights: no source pre-training
 
 
 def sweep(space: str, overrides: list[str], tmp: Path, name: str) -> dict:
