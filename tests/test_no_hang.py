@@ -43,11 +43,12 @@ def test_a_sweep_completes_with_its_slack_taken_and_prints_each_line_once(cluste
     # The old failure: two trials' drivers and workers took 1.2 of 2 CPUs, 0.5 more were held
     # elsewhere (a finished trial's placement group), and neither trial's data actor (0.4)
     # could ever start. Each trial now takes its driver and data actor in one reservation.
+    # Two trials are enough to recreate that.
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "base": str(REPO / "pipelines" / "synthetic.yaml"), "set": {"method.rampup_iters": 4},
         "space": {"method.tau_t": {"uniform": [0.8, 0.95]}},
-        "tune": {"scheduler": "asha", "grace_period": 4, "num_samples": 3}}))
+        "tune": {"scheduler": "asha", "grace_period": 4, "num_samples": 2}}))
     summary = tmp_path / "summary.json"
     with cpus_held_by_another_driver(cluster, 0.5):
         proc = subprocess.run([sys.executable, "run.py", "tune", "--space", str(space), *_sets(tiny_overrides + TINY_RUN),
@@ -56,7 +57,7 @@ def test_a_sweep_completes_with_its_slack_taken_and_prints_each_line_once(cluste
                               cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = json.loads(summary.read_text())["trials"]
-    assert len(trials) == 3 and {t["status"] for t in trials} <= {"completed", "stopped early"}
+    assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "stopped early"}
 
     out = proc.stdout + proc.stderr
     progress = [line for line in out.splitlines() if re.match(r"\[trial \d+\] step \d+/8 ", line)]
@@ -67,7 +68,7 @@ def test_a_sweep_completes_with_its_slack_taken_and_prints_each_line_once(cluste
     assert "pseudo_acc_kept=nan" not in out
     # The summary answers the user's question and says where to look.
     assert "(the default configuration)" in out and re.search(r"default configuration \(method\.tau_t=0\.9\): val/miou", out)
-    assert re.search(r"compute: the trials ran \d+ of 24 steps", out)
+    assert re.search(r"compute: the trials ran \d+ of 16 steps", out)
     assert f"{tmp_path / 'runs' / 'slack' / 'best_config.yaml'}" in out and (tmp_path / "runs/slack/best_config.yaml").is_file()
     assert "run.py compare --experiment slack --sweep slack" in out and "--host 127.0.0.1" in out
     assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning", out)
