@@ -119,6 +119,30 @@ def test_pbt_perturbations_stay_inside_the_searched_ranges(tmp_path):
     assert sweep.space["method.threshold_mode"].mutation() == ["fixed", "class_adaptive"]
 
 
+def test_asha_rungs_outlive_the_scheduler_that_recorded_them(tmp_path):
+    from types import SimpleNamespace
+
+    from mkd_ray.tune.runner import ResumableASHA
+
+    def scheduler():
+        return ResumableASHA(str(tmp_path / "rungs.json"), time_attr="step", metric="val/miou", mode="max",
+                             max_t=12, grace_period=4, reduction_factor=2)
+
+    good, poor = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="poor")
+    first = scheduler()
+    first.on_trial_add(None, good)
+    assert first.on_trial_result(None, good, {"step": 4, "val/miou": 12.0}) == "CONTINUE"
+    # A new scheduler (a resumed sweep's) judges the next trial against the first one's score;
+    # without the file, the poor trial would be the first at its rung and go on.
+    resumed = scheduler()
+    resumed.on_trial_add(None, poor)
+    assert resumed.on_trial_result(None, poor, {"step": 4, "val/miou": 1.5}) == "STOP"
+    (tmp_path / "rungs.json").unlink()
+    fresh = scheduler()
+    fresh.on_trial_add(None, poor)
+    assert fresh.on_trial_result(None, poor, {"step": 4, "val/miou": 1.5}) == "CONTINUE"
+
+
 def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
     from mkd_ray.tune.runner import plan_resources
 
@@ -345,9 +369,10 @@ def test_four_processes_writing_one_sqlite_store_lose_no_metric(tmp_path):
 @pytest.mark.ray
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, tiny_overrides, sweep_env):
     """SIGKILL `run.py tune` (no chance to clean up) once a trial has finished; `--resume`
-    completes the sweep, the finished trial trains no step again, and MLflow holds each run once."""
-    space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 0.004]}},
-                        tune={"scheduler": "fifo", "num_samples": 1, "max_concurrent_trials": 1})
+    completes the sweep, the finished trial trains no step again, MLflow holds each run once,
+    and ASHA still judges the next trial against the finished one (its rungs survive)."""
+    space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 1.0e-6]}},
+                        tune={"scheduler": "asha", "grace_period": 4, "num_samples": 1, "max_concurrent_trials": 1})
     command = _sweep_command(space, tiny_overrides, tmp_path / "runs", "resumed")
     proc = subprocess.Popen(command, cwd=REPO, env=sweep_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = MlflowClient()
@@ -367,12 +392,15 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
     parents = [r for r in runs if r.data.tags.get("mkd_ray.role") == "sweep"]
-    trials = [r for r in runs if r.data.tags.get("mkd_ray.role") == "trial"]
+    trials = {float(r.data.params["train.lr"]): r for r in runs if r.data.tags.get("mkd_ray.role") == "trial"}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(trials) == 2 and len({r.data.tags["mkd_ray.trial_id"] for r in trials}) == 2  # no duplicates
-    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+    assert len(trials) == 2 and len({r.data.tags["mkd_ray.trial_id"] for r in trials.values()}) == 2  # no duplicates
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials.values())
+    assert trials[0.005].info.status == "FINISHED" and trials[0.005].data.tags["mkd_ray.outcome"] == "completed"
+    # The hopeless trial is judged against the first one's score at the step-4 rung.
+    assert trials[1.0e-6].data.tags["mkd_ray.outcome"] == "stopped early"
     for trial_id, history in first_pass.items():  # finished trials were not trained again
-        run = next(r for r in trials if r.data.tags["mkd_ray.trial_id"] == trial_id)
+        run = next(r for r in trials.values() if r.data.tags["mkd_ray.trial_id"] == trial_id)
         assert client.get_metric_history(run.info.run_id, "val/miou") == history
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import threading
 import time
 import uuid
@@ -163,7 +164,8 @@ def plan_resources(sweep: Sweep, cluster: dict) -> Plan:
     return Plan(min(fits, limit) if limit else fits, trial)
 
 
-def _scheduler(sweep: Sweep):
+def _scheduler(sweep: Sweep, rungs_file: str):
+    """Tune's scheduler for the sweep; ASHA keeps its rungs in `rungs_file`."""
     t, train = sweep.tune, sweep.base.train
     if t.scheduler == "fifo":
         return tune.schedulers.FIFOScheduler()
@@ -173,9 +175,45 @@ def _scheduler(sweep: Sweep):
             hyperparam_mutations={key: dim.mutation() for key, dim in sweep.space.items()},
             quantile_fraction=t.quantile_fraction, resample_probability=t.resample_probability,
             custom_explore_fn=functools.partial(_clip_to_space, space=sweep.space))
-    return tune.schedulers.ASHAScheduler(
-        time_attr="step", max_t=train.iters, grace_period=t.grace_period or min(train.eval_interval, train.iters),
-        reduction_factor=t.reduction_factor)
+    return ResumableASHA(
+        rungs_file, time_attr="step", max_t=train.iters,
+        grace_period=t.grace_period or min(train.eval_interval, train.iters), reduction_factor=t.reduction_factor)
+
+
+class ResumableASHA(tune.schedulers.ASHAScheduler):
+    """ASHA whose rungs survive `--resume`. Tune restores a sweep's searcher but builds its
+    scheduler afresh, so a resumed ASHA would judge new trials only against the trials that
+    report again. The rungs (milestone -> trial -> score) are written to `rungs_file` after
+    each decision and read back on first use."""
+
+    def __init__(self, rungs_file: str, **kwargs):
+        super().__init__(**kwargs)
+        self.rungs_file, self._loaded = rungs_file, False
+
+    def on_trial_add(self, tune_controller, trial):
+        if not self._loaded:
+            self._loaded = True
+            if storage_paths.exists(self.rungs_file):
+                self._set_rungs(json.loads(storage_paths.read_text(self.rungs_file)))
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save_rungs()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save_rungs()
+
+    def _save_rungs(self) -> None:
+        rungs = [{str(milestone): recorded for milestone, recorded in bracket._rungs} for bracket in self._brackets]
+        storage_paths.write_bytes(self.rungs_file, json.dumps(rungs).encode())
+
+    def _set_rungs(self, saved: list) -> None:
+        for bracket, rungs in zip(self._brackets, saved):
+            for milestone, recorded in bracket._rungs:
+                recorded.update(rungs.get(str(milestone), {}))
 
 
 def pbt_interval(sweep: Sweep) -> int:
@@ -294,7 +332,8 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
                 trainable,
                 param_space={key: dim.to_tune() for key, dim in sweep.space.items()},
                 tune_config=tune.TuneConfig(
-                    metric=sweep.tune.metric, mode=sweep.tune.mode, scheduler=_scheduler(sweep),
+                    metric=sweep.tune.metric, mode=sweep.tune.mode,
+                    scheduler=_scheduler(sweep, storage_paths.join(sweep_dir, "asha_rungs.json")),
                     search_alg=_search(sweep, plan.concurrency), num_samples=sweep.tune.num_samples,
                     time_budget_s=sweep.tune.time_budget_s or None),
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=2 if verbose() else 0,
