@@ -161,6 +161,10 @@ class MethodConfig:
     # often the class is confidently predicted (FlexMatch-style), never below the floor.
     threshold_mode: Literal["fixed", "class_adaptive"] = "fixed"
     adaptive_floor: float = field(default=0.5, metadata=_range(0, 1))
+    # Multiply the teachers' class probabilities by (labeled class share) / (their running
+    # mean on unlabeled pixels) before thresholds and argmax (ReMixMatch's distribution
+    # alignment), so a class the teachers under-predict is not taught away. Not in the reference.
+    distribution_alignment: bool = False
     # "passed": mean over pixels above threshold (reference); "valid": mean over all
     # valid pixels, so the loss shrinks when few pass (UniMatch).
     loss_norm: Literal["passed", "valid"] = "passed"

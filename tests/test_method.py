@@ -14,7 +14,7 @@ from mkd_ray.method.ema import ema_decay_at, ema_update
 from mkd_ray.method.isda import ClassFeatureStats, augment_logits, nearest_resize
 from mkd_ray.method.losses import class_max, cosine_rampup, masked_cross_entropy, pseudo_labels, sigmoid_rampup
 from mkd_ray.method.mkd import _mix, to_strong_view
-from mkd_ray.method.selection import KnowledgeSelector
+from mkd_ray.method.selection import DistributionAligner, KnowledgeSelector
 from tests.conftest import TinySeg
 
 C = 3
@@ -91,6 +91,40 @@ def test_class_adaptive_thresholds_lower_rare_classes_with_floor():
     thr = sel.thresholds()
     # class 0: beta = 1 -> 0.9 * 1 / (2 - 1) = 0.9; class 1: beta = 1/3 -> 0.9 * (1/3) / (5/3) = 0.18 -> floor 0.5
     assert thr.tolist() == pytest.approx([0.9, 0.5, 0.5])
+
+
+def test_distribution_alignment_pulls_pseudo_labels_towards_the_labeled_class_shares():
+    aligner = DistributionAligner(2, momentum=0.5)
+    probs = torch.tensor([[0.8, 0.6], [0.2, 0.4]]).reshape(1, 2, 1, 2)  # two pixels
+    valid = torch.ones(1, 1, 2, dtype=torch.bool)
+    assert torch.equal(aligner.align(probs, valid), probs)  # no labels seen yet: unchanged
+    aligner.observe_labels(torch.tensor([0, 0, 1, 1, 255]))  # ignore is not counted
+    assert aligner.label_counts.tolist() == [2, 2]
+    aligned = aligner.align(probs, valid, update=False)  # the mean is still the first call's
+    assert aligner.predicted_mean.tolist() == pytest.approx([0.7, 0.3])
+    # pixel 0: (0.8 * 0.5/0.7, 0.2 * 0.5/0.3) normalised; pixel 1 flips to class 1.
+    assert aligned[0, :, 0, 0].tolist() == pytest.approx([0.6316, 0.3684], abs=1e-4)
+    assert aligned[0, :, 0, 1].tolist() == pytest.approx([0.3913, 0.6087], abs=1e-4)
+    aligner.align(torch.tensor([[1.0], [0.0]]).reshape(1, 2, 1, 1), valid[..., :1])  # EMA at momentum 0.5
+    assert aligner.predicted_mean.tolist() == pytest.approx([0.85, 0.15])
+
+
+def test_distribution_alignment_relabels_what_the_teacher_over_predicts():
+    method = make_method(name="mean_teacher", distribution_alignment=True)
+    set_classifier(method.teachers[0], favoured=0, strength=1.0)  # probs (0.58, 0.21, 0.21) everywhere
+    batch = tiny_batch()
+    batch.y_l.fill_(1)  # the labeled masks hold class 1 only
+    out = method.compute_losses(batch)
+    # Aligned: 0.58 * 0 / 0.58, 0.21 * 1 / 0.21, 0 -> class 1 with confidence 1.
+    assert out.metrics["loss_st"].item() == pytest.approx(_expected_ce(method.students[0], batch, 1).item(), rel=1e-5)
+    assert method.aligners[0].label_counts.tolist() == [0, batch.y_l.numel(), 0]
+
+
+def test_warmup_steps_count_labeled_classes_for_alignment_without_reading_teachers():
+    method = make_method(name="mkd", distribution_alignment=True, warmup_iters=5)
+    method.compute_losses(tiny_batch())
+    for aligner in method.aligners:
+        assert aligner.label_counts.sum() == tiny_batch().y_l.numel() and not aligner.predicted_mean.any()
 
 
 def test_warmup_delays_the_ramp_of_the_unsupervised_weight():

@@ -1,7 +1,8 @@
 """Mutual Knowledge Distillation and its baselines as one PyTorch module.
 
 `MutualKD` holds the students, their mean teachers and the per-network state (feature
-statistics for ISDA, class-adaptive thresholds). `compute_losses` is the one step
+statistics for ISDA, class-adaptive thresholds, the class statistics of
+distribution alignment). `compute_losses` is the one step
 function: batches in, total loss and diagnostics out. The baselines are the same code
 with fewer networks:
 
@@ -30,6 +31,7 @@ from mkd_ray.method.ema import ema_decay_at, ema_update
 from mkd_ray.method.isda import ClassFeatureStats, augment_logits, nearest_resize
 from mkd_ray.method.losses import (
     class_argmax,
+    class_max,
     cosine_rampup,
     masked_cross_entropy,
     masked_nll,
@@ -37,7 +39,7 @@ from mkd_ray.method.losses import (
     sigmoid_rampup,
     supervised_nll,
 )
-from mkd_ray.method.selection import KnowledgeSelector
+from mkd_ray.method.selection import DistributionAligner, KnowledgeSelector
 
 ModelFactory = Callable[[int], nn.Module]
 
@@ -152,6 +154,7 @@ class MutualKD(nn.Module):
         self.selectors = nn.ModuleList(
             KnowledgeSelector(num_classes, cfg.tau_t, cfg.threshold_mode, cfg.adaptive_floor) for _ in range(max(n_teachers, 1))
         )
+        self.aligners = nn.ModuleList(DistributionAligner(num_classes) for _ in range(n_teachers if cfg.distribution_alignment else 0))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._student_calls: list[nn.Module] = list(self.students)
         self.branches = BranchRunner()  # one after the other until `branches.parallel(...)`
@@ -195,6 +198,9 @@ class MutualKD(nn.Module):
         # During the warm-up nothing reads the unlabeled images: each student takes exactly the
         # step supervised training takes, at its cost (the teachers still follow by EMA).
         unlabeled = self.uses_unlabeled and cfg.reads_unlabeled(int(self.iteration) + 1)  # this step, 1-based
+        if self.training:
+            for aligner in self.aligners:
+                aligner.observe_labels(batch.y_l)
         if unlabeled:
             x_mix = to_strong_view(batch, batch.x_s)
             valid_u = to_strong_view(batch, ~batch.ignore_u)
@@ -315,13 +321,14 @@ class MutualKD(nn.Module):
             if self.cfg.distill_labeled:
                 n_l = batch.x_l.shape[0]
                 own = torch.cat([batch.y_l, own[n_l:]])
-            own_valid = own.masked_fill(self._teacher_ignore(batch, own), self.ignore_index)
+            own_valid = own.masked_fill(self._teacher_ignore(batch), self.ignore_index)
             stats.update(out["features"], own_valid)
             plain, z = z, augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
-        conf, label = pseudo_labels(self._at_distill_scale(z))
+        valid = self._at_distill_scale(~self._teacher_ignore(batch))
+        conf, label = self._confident_class(t, z, valid)
         if self.use_isda and self.cfg.isda_teachers and self.cfg.select_before_isda:
             # The label after ISDA, its confidence before it (reference).
-            conf = pseudo_labels(self._at_distill_scale(plain))[0]
+            conf = self._confident_class(t, plain, valid, update=False)[0]
         if self.cfg.distill_labeled:
             n_l = batch.x_l.shape[0]
             conf = torch.cat([conf[:n_l], to_strong_view(batch, conf[n_l:])])
@@ -329,6 +336,16 @@ class MutualKD(nn.Module):
         else:
             conf, label = to_strong_view(batch, conf), to_strong_view(batch, label)
         return conf, label
+
+    def _confident_class(self, t: int, logits: torch.Tensor, valid: torch.Tensor,
+                         update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher t's (confidence, label) at the distillation scale, after distribution
+        alignment when it is on (its statistics read the `valid` pixels)."""
+        z = self._at_distill_scale(logits)
+        if not self.aligners:
+            return pseudo_labels(z)
+        probs = self.aligners[t].align(z.detach().float().softmax(dim=1), valid, update)
+        return class_max(probs)
 
     @property
     def coarse_distillation(self) -> bool:
@@ -344,7 +361,7 @@ class MutualKD(nn.Module):
             return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return nearest_resize(x, size)
 
-    def _teacher_ignore(self, batch: Batch, own: torch.Tensor) -> torch.Tensor:
+    def _teacher_ignore(self, batch: Batch) -> torch.Tensor:
         """Padding of the weak view (and ignore pixels of the labeled part) for teacher inputs."""
         if self.cfg.distill_labeled:
             return torch.cat([batch.y_l == self.ignore_index, batch.ignore_u])

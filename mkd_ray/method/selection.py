@@ -39,3 +39,43 @@ class KnowledgeSelector(nn.Module):
         counts = torch.zeros_like(self.confident_share).scatter_add_(0, label.reshape(-1), confident.reshape(-1).float())
         share = counts / valid.sum().clamp(min=1)
         self.confident_share.mul_(self.momentum).add_((1 - self.momentum) * share)
+
+
+class DistributionAligner(nn.Module):
+    """Distribution alignment of a teacher's pseudo-labels (ReMixMatch-style).
+
+    A teacher that under-predicts a class on unlabeled images teaches the students to
+    under-predict it further, until the class collapses. Each pixel's class probabilities
+    are multiplied by (class share in the labeled masks) / (the teacher's running mean
+    probability on unlabeled pixels) and renormalised, so the pseudo-labels' class
+    distribution is pulled towards the labeled one before confidence and argmax are read.
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.99):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("predicted_mean", torch.zeros(num_classes))
+
+    @torch.no_grad()
+    def observe_labels(self, labels: torch.Tensor) -> None:
+        """Count the labeled pixels per class (ids outside 0..C-1, e.g. ignore, are skipped)."""
+        num_classes = self.label_counts.numel()
+        known = labels[(labels >= 0) & (labels < num_classes)]
+        self.label_counts += torch.bincount(known, minlength=num_classes).to(self.label_counts)
+
+    @torch.no_grad()
+    def align(self, probs: torch.Tensor, valid: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """probs (B, C, H, W) -> aligned probs; the running mean reads the `valid` pixels'
+        probabilities before alignment (first call: their mean, then an EMA)."""
+        if update and self.training and valid.any():
+            batch_mean = probs.movedim(1, -1)[valid].mean(dim=0)
+            first = not bool(self.predicted_mean.any())
+            m = 0.0 if first else self.momentum
+            self.predicted_mean.mul_(m).add_((1 - m) * batch_mean)
+        if not bool(self.predicted_mean.any()) or not bool(self.label_counts.any()):
+            return probs  # nothing to align to yet
+        prior = (self.label_counts / self.label_counts.sum()).to(probs)
+        ratio = prior / self.predicted_mean.clamp(min=1e-6)
+        aligned = probs * ratio.view(1, -1, *[1] * (probs.dim() - 2))
+        return aligned / aligned.sum(dim=1, keepdim=True).clamp(min=1e-12)
