@@ -324,7 +324,7 @@ class MutualKD(nn.Module):
             own_valid = own.masked_fill(self._teacher_ignore(batch), self.ignore_index)
             stats.update(out["features"], own_valid)
             plain, z = z, augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
-        valid = self._at_distill_scale(~self._teacher_ignore(batch))
+        valid = self._at_distill_scale(~self._teacher_ignore(batch)) if self.aligners else None  # alignment's pixels
         conf, label = self._confident_class(t, z, valid)
         if self.use_isda and self.cfg.isda_teachers and self.cfg.select_before_isda:
             # The label after ISDA, its confidence before it (reference).
@@ -337,7 +337,7 @@ class MutualKD(nn.Module):
             conf, label = to_strong_view(batch, conf), to_strong_view(batch, label)
         return conf, label
 
-    def _confident_class(self, t: int, logits: torch.Tensor, valid: torch.Tensor,
+    def _confident_class(self, t: int, logits: torch.Tensor, valid: Optional[torch.Tensor],
                          update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher t's (confidence, label) at the distillation scale, after distribution
         alignment when it is on (its statistics read the `valid` pixels)."""
