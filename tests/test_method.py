@@ -97,16 +97,16 @@ def test_distribution_alignment_pulls_pseudo_labels_towards_the_labeled_class_sh
     aligner = DistributionAligner(2, momentum=0.5)
     probs = torch.tensor([[0.8, 0.6], [0.2, 0.4]]).reshape(1, 2, 1, 2)  # two pixels
     valid = torch.ones(1, 1, 2, dtype=torch.bool)
-    assert torch.equal(aligner.align(probs, valid), probs)  # no labels seen yet: unchanged
+    assert torch.equal(aligner.align(0, probs, valid), probs)  # no labels seen yet: unchanged
     aligner.observe_labels(torch.tensor([0, 0, 1, 1, 255]))  # ignore is not counted
     assert aligner.label_counts.tolist() == [2, 2]
-    aligned = aligner.align(probs, valid, update=False)  # the mean is still the first call's
-    assert aligner.predicted_mean.tolist() == pytest.approx([0.7, 0.3])
+    aligned = aligner.align(0, probs, valid, update=False)  # the mean is still the first call's
+    assert aligner.predicted_mean[0].tolist() == pytest.approx([0.7, 0.3])
     # pixel 0: (0.8 * 0.5/0.7, 0.2 * 0.5/0.3) normalised; pixel 1 flips to class 1.
     assert aligned[0, :, 0, 0].tolist() == pytest.approx([0.6316, 0.3684], abs=1e-4)
     assert aligned[0, :, 0, 1].tolist() == pytest.approx([0.3913, 0.6087], abs=1e-4)
-    aligner.align(torch.tensor([[1.0], [0.0]]).reshape(1, 2, 1, 1), valid[..., :1])  # EMA at momentum 0.5
-    assert aligner.predicted_mean.tolist() == pytest.approx([0.85, 0.15])
+    aligner.align(0, torch.tensor([[1.0], [0.0]]).reshape(1, 2, 1, 1), valid[..., :1])  # EMA at momentum 0.5
+    assert aligner.predicted_mean[0].tolist() == pytest.approx([0.85, 0.15])
 
 
 def test_distribution_alignment_relabels_what_the_teacher_over_predicts():
@@ -117,14 +117,14 @@ def test_distribution_alignment_relabels_what_the_teacher_over_predicts():
     out = method.compute_losses(batch)
     # Aligned: 0.58 * 0 / 0.58, 0.21 * 1 / 0.21, 0 -> class 1 with confidence 1.
     assert out.metrics["loss_st"].item() == pytest.approx(_expected_ce(method.students[0], batch, 1).item(), rel=1e-5)
-    assert method.aligners[0].label_counts.tolist() == [0, batch.y_l.numel(), 0]
+    assert method.aligner.label_counts.tolist() == [0, batch.y_l.numel(), 0]
 
 
 def test_warmup_steps_count_labeled_classes_for_alignment_without_reading_teachers():
     method = make_method(name="mkd", distribution_alignment=True, warmup_iters=5)
     method.compute_losses(tiny_batch())
-    for aligner in method.aligners:
-        assert aligner.label_counts.sum() == tiny_batch().y_l.numel() and not aligner.predicted_mean.any()
+    assert method.aligner.predicted_mean.shape == (2, C)  # one running mean per teacher
+    assert method.aligner.label_counts.sum() == tiny_batch().y_l.numel() and not method.aligner.predicted_mean.any()
 
 
 def test_warmup_delays_the_ramp_of_the_unsupervised_weight():
@@ -403,8 +403,9 @@ def test_train_step_updates_students_not_teachers_by_gradient():
     assert set(out.metrics) >= {"loss", "loss_sup", "loss_st", "loss_ss", "mask_ratio", "pseudo_acc", "lr"}
 
 
-@pytest.mark.parametrize("name,amp", [("mkd", "off"), ("cps", "off"), ("mkd", "bf16")])
-def test_branches_side_by_side_train_exactly_as_in_turn(name, amp):
+@pytest.mark.parametrize("name,amp,aligned", [("mkd", "off", False), ("cps", "off", False), ("mkd", "bf16", False),
+                                              ("mkd", "off", True)])
+def test_branches_side_by_side_train_exactly_as_in_turn(name, amp, aligned):
     # At one torch thread per branch, side by side runs the very ops of one-at-a-time on one
     # thread, so any difference is a bug: grad mode or autocast lost in a worker thread, or a
     # gradient that crossed branches. bf16 checks that autocast reaches the workers.
@@ -412,7 +413,8 @@ def test_branches_side_by_side_train_exactly_as_in_turn(name, amp):
 
     def trained(side_by_side: bool):
         torch.manual_seed(0)
-        method = make_method(name=name, feature_aug="isda", lambda_ss=1.0, tau_t=0.4, tau_s=0.4)
+        method = make_method(name=name, feature_aug="isda", lambda_ss=1.0, tau_t=0.4, tau_s=0.4,
+                             distribution_alignment=aligned)  # aligned: both teachers share one aligner
         if side_by_side:
             method.branches.parallel(1)
         method.train()

@@ -154,7 +154,7 @@ class MutualKD(nn.Module):
         self.selectors = nn.ModuleList(
             KnowledgeSelector(num_classes, cfg.tau_t, cfg.threshold_mode, cfg.adaptive_floor) for _ in range(max(n_teachers, 1))
         )
-        self.aligners = nn.ModuleList(DistributionAligner(num_classes) for _ in range(n_teachers if cfg.distribution_alignment else 0))
+        self.aligner = DistributionAligner(num_classes, n_teachers) if cfg.distribution_alignment and n_teachers else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._student_calls: list[nn.Module] = list(self.students)
         self.branches = BranchRunner()  # one after the other until `branches.parallel(...)`
@@ -198,9 +198,8 @@ class MutualKD(nn.Module):
         # During the warm-up nothing reads the unlabeled images: each student takes exactly the
         # step supervised training takes, at its cost (the teachers still follow by EMA).
         unlabeled = self.uses_unlabeled and cfg.reads_unlabeled(int(self.iteration) + 1)  # this step, 1-based
-        if self.training:
-            for aligner in self.aligners:
-                aligner.observe_labels(batch.y_l)
+        if self.training and self.aligner is not None:
+            self.aligner.observe_labels(batch.y_l)
         if unlabeled:
             x_mix = to_strong_view(batch, batch.x_s)
             valid_u = to_strong_view(batch, ~batch.ignore_u)
@@ -324,7 +323,7 @@ class MutualKD(nn.Module):
             own_valid = own.masked_fill(self._teacher_ignore(batch), self.ignore_index)
             stats.update(out["features"], own_valid)
             plain, z = z, augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
-        valid = self._at_distill_scale(~self._teacher_ignore(batch)) if self.aligners else None  # alignment's pixels
+        valid = self._at_distill_scale(~self._teacher_ignore(batch)) if self.aligner is not None else None  # alignment's pixels
         conf, label = self._confident_class(t, z, valid)
         if self.use_isda and self.cfg.isda_teachers and self.cfg.select_before_isda:
             # The label after ISDA, its confidence before it (reference).
@@ -342,9 +341,9 @@ class MutualKD(nn.Module):
         """Teacher t's (confidence, label) at the distillation scale, after distribution
         alignment when it is on (its statistics read the `valid` pixels)."""
         z = self._at_distill_scale(logits)
-        if not self.aligners:
+        if self.aligner is None:
             return pseudo_labels(z)
-        probs = self.aligners[t].align(z.detach().float().softmax(dim=1), valid, update)
+        probs = self.aligner.align(t, z.detach().float().softmax(dim=1), valid, update)
         return class_max(probs)
 
     @property

@@ -42,20 +42,21 @@ class KnowledgeSelector(nn.Module):
 
 
 class DistributionAligner(nn.Module):
-    """Distribution alignment of a teacher's pseudo-labels (ReMixMatch-style).
+    """Distribution alignment of the teachers' pseudo-labels (ReMixMatch-style).
 
     A teacher that under-predicts a class on unlabeled images teaches the students to
     under-predict it further, until the class collapses. Each pixel's class probabilities
-    are multiplied by (class share in the labeled masks) / (the teacher's running mean
-    probability on unlabeled pixels) and renormalised, so the pseudo-labels' class
-    distribution is pulled towards the labeled one before confidence and argmax are read.
+    are multiplied by (class share in the labeled masks, shared by all teachers) / (that
+    teacher's running mean probability on unlabeled pixels) and renormalised, so the
+    pseudo-labels' class distribution is pulled towards the labeled one before confidence
+    and argmax are read.
     """
 
-    def __init__(self, num_classes: int, momentum: float = 0.99):
+    def __init__(self, num_classes: int, num_teachers: int = 1, momentum: float = 0.99):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("predicted_mean", torch.zeros(num_classes))
+        self.register_buffer("predicted_mean", torch.zeros(num_teachers, num_classes))
 
     @torch.no_grad()
     def observe_labels(self, labels: torch.Tensor) -> None:
@@ -65,17 +66,19 @@ class DistributionAligner(nn.Module):
         self.label_counts += torch.bincount(known, minlength=num_classes).to(self.label_counts)
 
     @torch.no_grad()
-    def align(self, probs: torch.Tensor, valid: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """probs (B, C, H, W) -> aligned probs; the running mean reads the `valid` pixels'
-        probabilities before alignment (first call: their mean, then an EMA)."""
+    def align(self, t: int, probs: torch.Tensor, valid: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Teacher t's probs (B, C, H, W) -> aligned probs; its running mean reads the `valid`
+        pixels' probabilities before alignment (first call: their mean, then an EMA).
+        Teachers may call this side by side: each touches only its own row."""
+        mean = self.predicted_mean[t]
+        seen = bool(mean.any())
         if update and self.training and valid.any():
-            batch_mean = probs.movedim(1, -1)[valid].mean(dim=0)
-            first = not bool(self.predicted_mean.any())
-            m = 0.0 if first else self.momentum
-            self.predicted_mean.mul_(m).add_((1 - m) * batch_mean)
-        if not bool(self.predicted_mean.any()) or not bool(self.label_counts.any()):
+            m = self.momentum if seen else 0.0
+            mean.mul_(m).add_((1 - m) * probs.movedim(1, -1)[valid].mean(dim=0))
+            seen = True
+        if not seen or not bool(self.label_counts.any()):
             return probs  # nothing to align to yet
         prior = (self.label_counts / self.label_counts.sum()).to(probs)
-        ratio = prior / self.predicted_mean.clamp(min=1e-6)
+        ratio = prior / mean.clamp(min=1e-6)
         aligned = probs * ratio.view(1, -1, *[1] * (probs.dim() - 2))
         return aligned / aligned.sum(dim=1, keepdim=True).clamp(min=1e-12)
