@@ -163,7 +163,11 @@ def waiting_for_resources() -> str:
             need = _sum_resources(bundle.get("unit_resources", {}) for bundle in group.bundles or [])
             waits.append(f"placement group {group.name or group.placement_group_id[:8]} waits for {_format(need)}")
         for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, timeout=10):
-            waits.append(f"actor {actor.class_name} waits for {_format(actor.required_resources or {})}")
+            needs = actor.required_resources or {}
+            # An actor that needs nothing is not held back by the cluster: its process or
+            # constructor is slow (a loaded machine, a slow import).
+            waits.append(f"actor {actor.class_name} waits for {_format(needs)}" if needs else
+                         f"actor {actor.class_name} is still starting (it needs no resources)")
     except Exception as exc:  # the State API is a diagnosis aid: its failure must not hide the stall
         waits.append(f"(Ray's state API did not answer: {type(exc).__name__})")
     found = "; ".join(waits) if waits else "nothing waits for resources (a step or an evaluation is slow or hung)"

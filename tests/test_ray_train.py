@@ -21,7 +21,7 @@ from mkd_ray.data.sources import resolve_data
 from mkd_ray.data.torch_data import eval_batches
 from mkd_ray.engine import build_method, run_evaluation, train_local
 from mkd_ray.train.trainer import fit
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY
 
 pytestmark = pytest.mark.ray
 
@@ -47,6 +47,21 @@ def _cfg(tiny_overrides, *extra):
     return load_config(REPO / "pipelines" / "synthetic.yaml", tiny_overrides + [
         "train.iters=6", "train.eval_interval=6", "train.checkpoint_interval=3", "train.log_interval=3",
         "scaling.cpus_per_worker=0.5", *extra])
+
+
+# The resume and restart tests interrupt this schedule at its step-10 checkpoint.
+INTERRUPTED = ["train.iters=30", "train.checkpoint_interval=10", "train.log_interval=10", "train.eval_interval=30"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(ray_cluster, synthetic_root, tmp_path_factory):
+    """INTERRUPTED's 30 steps without a stop: the weights a stopped and resumed run, or a run
+    whose worker was killed, must end with."""
+    home = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        result, _ = fit(_cfg(TINY + [f"data.root={synthetic_root}"], *INTERRUPTED), name="straight", storage_path=home)
+    return ckpt.load_state(result.checkpoint.path)["method"]
 
 
 def test_bad_dataset_fails_before_ray_work(tiny_overrides, tmp_path, mlflow_uri):
@@ -133,24 +148,22 @@ def _check_mlflow_run(run_id, metrics):
     assert table.splitlines()[0] == "class,iou" and len(table.splitlines()) == 6
 
 
-def test_run_started_again_resumes_bitwise(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
-    straight, _ = fit(_cfg(tiny_overrides), name="straight", storage_path=tmp_path)
-    stopped, first_id = fit(_cfg(tiny_overrides, "train.stop_at=3"), name="resumed", storage_path=tmp_path)
-    assert stopped.metrics["step"] == 3
-    resumed, second_id = fit(_cfg(tiny_overrides), name="resumed", storage_path=tmp_path)
-    assert resumed.metrics["step"] == 6
+def test_run_started_again_resumes_bitwise(straight_run, tiny_overrides, tmp_path, mlflow_uri):
+    stopped, first_id = fit(_cfg(tiny_overrides, *INTERRUPTED, "train.stop_at=10"), name="resumed", storage_path=tmp_path)
+    assert stopped.metrics["step"] == 10
+    resumed, second_id = fit(_cfg(tiny_overrides, *INTERRUPTED), name="resumed", storage_path=tmp_path)
+    assert resumed.metrics["step"] == 30
     assert first_id == second_id  # one MLflow run continues across the restart
     steps = [m.step for m in MlflowClient().get_metric_history(second_id, "train/loss")]
-    assert steps == [3, 6]
-    a = ckpt.load_state(straight.checkpoint.path)["method"]
+    assert steps == [10, 20, 30]
     b = ckpt.load_state(resumed.checkpoint.path)["method"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for key in straight_run:
+        assert torch.equal(straight_run[key], b[key]), key
     # Started again with another architecture: refused before any Ray work, checkpoint kept.
-    before = (tmp_path / "resumed" / "step_00000006" / "state.pt").read_bytes()
+    before = (tmp_path / "resumed" / "step_00000030" / "state.pt").read_bytes()
     with pytest.raises(ckpt.CheckpointError, match=r"model.width: 0.25 in the checkpoint vs 0.5"):
-        fit(_cfg(tiny_overrides, "model.width=0.5", "train.iters=9"), name="resumed", storage_path=tmp_path)
-    assert (tmp_path / "resumed" / "step_00000006" / "state.pt").read_bytes() == before
+        fit(_cfg(tiny_overrides, *INTERRUPTED, "model.width=0.5", "train.iters=40"), name="resumed", storage_path=tmp_path)
+    assert (tmp_path / "resumed" / "step_00000030" / "state.pt").read_bytes() == before
 
 
 def test_ray_run_with_a_warm_up_trains_as_the_local_loop(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
@@ -183,7 +196,8 @@ def test_ray_data_stream_matches_the_local_loader(ray_cluster, tiny_overrides, p
     assert ray_batches[0]["draw"].tolist() == list(range(16, 24))
 
 
-def test_killed_worker_restarts_from_its_checkpoint_and_finishes_identically(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
+def test_killed_worker_restarts_from_its_checkpoint_and_finishes_identically(straight_run, tiny_overrides, tmp_path,
+                                                                            mlflow_uri):
     """SIGKILL the training worker after its step-10 checkpoint; FailureConfig restarts the
     group from that checkpoint and the unlabeled stream from that checkpoint's draw, so the
     final weights equal an uninterrupted run's, and MLflow holds one run with no step twice."""
@@ -194,12 +208,9 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes_identically(ray
 
     from ray.util.state import list_actors
 
-    settings = ["train.iters=30", "train.checkpoint_interval=10", "train.log_interval=10", "train.eval_interval=30"]
-    straight, _ = fit(_cfg(tiny_overrides, *settings), name="straight", storage_path=tmp_path)
-
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(zip(("result", "run_id"),
-                                                              fit(_cfg(tiny_overrides, *settings), name="killed", storage_path=tmp_path))))
+                                                              fit(_cfg(tiny_overrides, *INTERRUPTED), name="killed", storage_path=tmp_path))))
     runner.start()
     for _ in range(1200):  # wait up to about 4 minutes for the step-10 checkpoint
         if (tmp_path / "killed" / "step_00000010" / "state.pt").is_file():
@@ -214,8 +225,7 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes_identically(ray
     runner.join(timeout=300)
     assert outcome["result"].metrics["step"] == 30
 
-    a = ckpt.load_state(straight.checkpoint.path)["method"]
-    b = ckpt.load_state(outcome["result"].checkpoint.path)["method"]
+    a, b = straight_run, ckpt.load_state(outcome["result"].checkpoint.path)["method"]
     # Same data and state from the restored step on; float summation in the restarted
     # worker is not bitwise reproducible here (a resume by a new fit is: see above), so
     # weights agree to float tolerance.

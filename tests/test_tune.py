@@ -227,32 +227,6 @@ def sweep_env(tmp_path):
     return env
 
 
-@pytest.mark.ray
-def test_asha_sweep_logs_a_parent_and_a_child_per_trial_and_stops_poor_trials(tmp_path, tiny_overrides, sweep_env):
-    # A good learning rate, then (one trial at a time, so in this order) one that cannot learn
-    # in 12 steps: it sits below the first trial's score at the step-4 rung, so ASHA must stop it there.
-    space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 1.0e-6]}},
-                        tune={"scheduler": "asha", "grace_period": 4, "num_samples": 1, "max_concurrent_trials": 1})
-    summary = _run_sweep(space, tiny_overrides, tmp_path, "asha", sweep_env)
-    client = MlflowClient()
-    parent = client.get_run(summary["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["mkd_ray.role"] == "sweep"
-    children = _children(summary["parent_run_id"])
-    assert len(children) == 2
-    sampled = sorted(float(c.data.params["train.lr"]) for c in children)
-    assert sampled == [1e-6, 0.005]
-    outcomes = {c.data.tags["mkd_ray.outcome"] for c in children}
-    assert "stopped early" in outcomes and "completed" in outcomes
-    for child in children:
-        stopped = child.data.tags["mkd_ray.outcome"] == "stopped early"
-        assert child.info.status == ("KILLED" if stopped else "FINISHED")
-        assert len(client.get_metric_history(child.info.run_id, "val/miou")) >= 1
-    best = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/best_config.yaml"))
-    assert best["train"]["lr"] == 0.005 and summary["best_config"]["train"]["lr"] == 0.005
-    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/results.csv")
-    assert len(table.strip().splitlines()) == 3 and "stopped early" in table
-
-
 FAKE_SECRET = "mkd-fake-secret-5f0c1e"
 
 
@@ -366,40 +340,79 @@ def test_four_processes_writing_one_sqlite_store_lose_no_metric(tmp_path):
             assert sorted((m.step, m.value) for m in history) == [(s, s * 100 + k) for s in range(1, 151)]
 
 
-@pytest.mark.ray
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, tiny_overrides, sweep_env):
-    """SIGKILL `run.py tune` (no chance to clean up) once a trial has finished; `--resume`
-    completes the sweep, the finished trial trains no step again, MLflow holds each run once,
-    and ASHA still judges the next trial against the finished one (its rungs survive)."""
-    space = write_space(tmp_path, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 1.0e-6]}},
+@pytest.fixture(scope="module")
+def resumed_asha_sweep(synthetic_root, tmp_path_factory):
+    """An ASHA sweep of a good learning rate and then (one trial at a time, so in this order) one
+    that cannot learn in 12 steps, whose driver is SIGKILLed (no chance to clean up) once the
+    first trial has finished; `--resume` completes it. One sweep serves the ASHA checks and
+    the resume checks: each sweep pays a cluster start and two trials."""
+    home = tmp_path_factory.mktemp("asha")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    ray_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": ray_dir}
+    space = write_space(home, set=TINY_TRIAL, space={"train.lr": {"grid": [0.005, 1.0e-6]}},
                         tune={"scheduler": "asha", "grace_period": 4, "num_samples": 1, "max_concurrent_trials": 1})
-    command = _sweep_command(space, tiny_overrides, tmp_path / "runs", "resumed")
-    proc = subprocess.Popen(command, cwd=REPO, env=sweep_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient()
-    deadline = time.monotonic() + 600
-    finished = []
-    while not finished:  # kill the driver once a trial has finished
-        assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before it could be interrupted"
-        time.sleep(2)
-        experiment = client.get_experiment_by_name("resumed")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        finished = [r for r in runs if r.data.tags.get("mkd_ray.role") == "trial" and r.info.status == "FINISHED"]
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    first_pass = {r.data.tags["mkd_ray.trial_id"]: client.get_metric_history(r.info.run_id, "val/miou") for r in finished}
+    command = _sweep_command(space, TINY + [f"data.root={synthetic_root}"], home / "runs", "resumed")
+    client = MlflowClient(uri)
+    try:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        finished = []
+        while not finished:  # kill the driver once a trial has finished
+            assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before it could be interrupted"
+            time.sleep(2)
+            experiment = client.get_experiment_by_name("resumed")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            finished = [r for r in runs if r.data.tags.get("mkd_ray.role") == "trial" and r.info.status == "FINISHED"]
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        first_pass = {r.data.tags["mkd_ray.trial_id"]: client.get_metric_history(r.info.run_id, "val/miou")
+                      for r in finished}
+        summary = home / "summary.json"
+        resumed = subprocess.run([*command, "--resume", "--summary", str(summary)], cwd=REPO, capture_output=True,
+                                 text=True, timeout=900, env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        yield {**json.loads(summary.read_text()), "uri": uri, "first_pass": first_pass}
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
-    proc = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900, env=sweep_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+@pytest.mark.ray
+def test_asha_sweep_logs_a_parent_and_a_child_per_trial_and_stops_poor_trials(resumed_asha_sweep):
+    # The hopeless trial sits below the first trial's score at the step-4 rung: ASHA stops it there.
+    sweep, client = resumed_asha_sweep, MlflowClient(resumed_asha_sweep["uri"])
+    mlflow.set_tracking_uri(sweep["uri"])
+    parent = client.get_run(sweep["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["mkd_ray.role"] == "sweep"
+    children = _children(sweep["parent_run_id"])
+    assert len(children) == 2
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-6, 0.005]
+    for child in children:
+        stopped = float(child.data.params["train.lr"]) == 1e-6
+        assert child.data.tags["mkd_ray.outcome"] == ("stopped early" if stopped else "completed")
+        assert child.info.status == ("KILLED" if stopped else "FINISHED")
+        assert len(client.get_metric_history(child.info.run_id, "val/miou")) >= 1
+    best = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/best_config.yaml"))
+    assert best["train"]["lr"] == 0.005 and sweep["best_config"]["train"]["lr"] == 0.005
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/results.csv")
+    assert len(table.strip().splitlines()) == 3 and "stopped early" in table
+
+
+@pytest.mark.ray
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(resumed_asha_sweep):
+    """After the SIGKILL and `--resume`, the finished trial trained no step again, MLflow holds
+    each run once, and ASHA still judged the next trial against the finished one (its rungs
+    survived the restart: the stop above)."""
+    sweep, client = resumed_asha_sweep, MlflowClient(resumed_asha_sweep["uri"])
     runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
     parents = [r for r in runs if r.data.tags.get("mkd_ray.role") == "sweep"]
     trials = {float(r.data.params["train.lr"]): r for r in runs if r.data.tags.get("mkd_ray.role") == "trial"}
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(parents) == 1 and parents[0].info.run_id == sweep["parent_run_id"]
     assert len(trials) == 2 and len({r.data.tags["mkd_ray.trial_id"] for r in trials.values()}) == 2  # no duplicates
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials.values())
-    assert trials[0.005].info.status == "FINISHED" and trials[0.005].data.tags["mkd_ray.outcome"] == "completed"
-    # The hopeless trial is judged against the first one's score at the step-4 rung.
-    assert trials[1.0e-6].data.tags["mkd_ray.outcome"] == "stopped early"
-    for trial_id, history in first_pass.items():  # finished trials were not trained again
+    assert sweep["first_pass"] and all(trial_id in {r.data.tags["mkd_ray.trial_id"] for r in trials.values()}
+                                       for trial_id in sweep["first_pass"])
+    for trial_id, history in sweep["first_pass"].items():  # finished trials were not trained again
         run = next(r for r in trials.values() if r.data.tags["mkd_ray.trial_id"] == trial_id)
         assert client.get_metric_history(run.info.run_id, "val/miou") == history
 
