@@ -396,12 +396,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from mkd_ray.models.pretrain import CACHE, cache_path, pretrain
+    from mkd_ray.models.pretrain import CACHE, MIN_ITERS, cache_path, pretrain
 
     cfg = load_config(args.pipeline, args.overrides)
-    for flag, value in (("--iters", args.iters), ("--per-category", args.per_category)):
-        if value < 1:
-            raise ConfigError(flag, f"must be at least 1, got {value}")
+    for flag, value, least in (("--iters", args.iters, MIN_ITERS), ("--per-category", args.per_category, 1)):
+        if value < least:
+            raise ConfigError(flag, f"must be at least {least}, got {value}")
     task = SourceTask(iters=args.iters, per_category=args.per_category, seed=args.seed)
     out = args.out or cache_path(CACHE, cfg.model, task)
     if out.is_file() and args.out is None:

@@ -7,7 +7,6 @@ framework-overhead benchmark compare Ray Train against; the distributed loop reu
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import resource
@@ -30,7 +29,7 @@ from mkd_ray.evaluate import center_box, evaluate, normalize
 from mkd_ray.method import Batch, MutualKD, build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.models import build_model
-from mkd_ray.models.pretrain import with_source_backbone
+from mkd_ray.models.pretrain import torch_threads, with_source_backbone
 
 
 def resolve_device(cfg: ExperimentConfig) -> torch.device:
@@ -223,22 +222,9 @@ class ProgressMeter:
         )
 
 
-def _restores_torch_threads(fn):
-    """For loops run inside a caller's process: `configure_threads` sets the process's torch
-    threads (`train.threads`, half of them with the branches side by side); put them back."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
-@_restores_torch_threads
+# For loops run inside a caller's process: `configure_threads` sets the process's torch threads
+# (`train.threads`, half of them with the branches side by side); put them back after.
+@torch_threads()
 def train_local(
     cfg: ExperimentConfig,
     log: Callable[[str], None] = print,

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,7 +81,7 @@ def test_pretrained_source_backbone_loads_into_every_branch(tmp_path):
 
     cfg = ModelConfig(backbone="resnet18", width=0.125, output_stride=8, aspp_channels=16, decoder_channels=16,
                       low_level_channels=8)
-    task = SourceTask(per_category=2, heldout_per_category=1, iters=3, batch_size=8)
+    task = SourceTask(per_category=2, heldout_per_category=1, iters=20, batch_size=8)
     out = cache_path(tmp_path, cfg, task)
     assert cache_path(tmp_path, ModelConfig(width=0.25, output_stride=8), task) != out  # another layout, another file
     report = pretrain(cfg, task, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), out, log=lambda _: None)
@@ -93,12 +95,34 @@ def test_pretrained_source_backbone_loads_into_every_branch(tmp_path):
     assert not torch.equal(random_init["layer4.1.conv2.weight"], weights["layer4.1.conv2.weight"])
 
 
+def test_pre_training_does_not_depend_on_the_callers_threads(tmp_path):
+    """A CPU's kernels sum in an order set by the thread count; the task fixes it for the
+    pre-training, so a driver on one thread and one on two cache the same backbone."""
+    from mkd_ray.models.pretrain import SourceTask, cache_path, pretrain
+
+    cfg = ModelConfig(backbone="resnet18", width=0.125, output_stride=8)
+    task = SourceTask(per_category=4, heldout_per_category=1, iters=20, batch_size=32, threads=2)
+    assert cache_path(tmp_path, cfg, task) != cache_path(tmp_path, cfg, dataclasses.replace(task, threads=1))
+    before, weights = torch.get_num_threads(), []
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            pretrain(cfg, task, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tmp_path / f"{caller}.pt", log=lambda _: None)
+            assert torch.get_num_threads() == caller  # the caller's threads again afterwards
+            weights.append(torch.load(tmp_path / f"{caller}.pt", weights_only=True))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(ValueError, match="SourceTask.iters: at least 20"):
+        SourceTask(iters=10)
+
+
 def test_source_names_one_cached_backbone_per_layout(tmp_path, monkeypatch):
     from mkd_ray.config import load_config, with_absolute_paths
     from mkd_ray.models import pretrain
 
     monkeypatch.setattr(pretrain, "CACHE", tmp_path / "cache")
-    task = pretrain.SourceTask(per_category=2, heldout_per_category=1, iters=2, batch_size=8)
+    task = pretrain.SourceTask(per_category=2, heldout_per_category=1, iters=20, batch_size=8)
     tiny = ["model.width=0.125", "model.aspp_channels=16", "model.decoder_channels=16", "model.low_level_channels=8"]
     cfg = with_absolute_paths(load_config(None, [*tiny, "model.pretrained=source"]))
     assert cfg.model.pretrained == "source"  # a name, not a path, until a driver resolves it
@@ -133,7 +157,9 @@ def test_pretrain_command_writes_weights_that_train_reads(tmp_path, capsys):
     from mkd_ray.cli import main
 
     out = tmp_path / "backbone.pt"
-    assert main(["pretrain", "--iters", "2", "--per-category", "1", "--out", str(out), "--set", "model.width=0.125"]) == 0
+    assert main(["pretrain", "--iters", "10", "--per-category", "1", "--out", str(out)]) == 2
+    assert "--iters: must be at least 20, got 10" in capsys.readouterr().err and not out.exists()
+    assert main(["pretrain", "--iters", "20", "--per-category", "1", "--out", str(out), "--set", "model.width=0.125"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and f"--set model.pretrained={out}" in printed
     assert torch.load(out, weights_only=True)["stem.0.weight"].shape[0] == 8  # 64 * 0.125 stem channels

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ from mkd_ray.models.backbones import build_backbone
 SOURCE = "source"  # model.pretrained's name for the source-task backbone of the model's layout
 CACHE = Path("data/pretrained")
 LAYOUT_KEYS = ("model.backbone", "model.width", "model.output_stride", "model.stem_pool")
+MIN_ITERS = 20  # the one-cycle schedule warms up over a tenth of the run: at least two whole steps
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,15 @@ class SourceTask:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    # Torch threads while pre-training. A CPU's kernels sum in an order that depends on the
+    # thread count, so one seed gives other weights on one thread than on two; fixed here (and
+    # so in the cache's name), the backbone is the same on a laptop, a 2-core CI box and a node.
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.iters < MIN_ITERS:
+            raise ValueError(f"SourceTask.iters: at least {MIN_ITERS} (a tenth of them warm the learning rate up), "
+                             f"got {self.iters}")
 
 
 class _Classifier(nn.Module):
@@ -70,7 +81,7 @@ def cache_path(folder: Path, model: ModelConfig, task: SourceTask) -> Path:
 def pretrain(model: ModelConfig, task: SourceTask, mean, std, out: Path,
              log: Callable[[str], None] = print) -> dict:
     """Train the backbone on the source task, write its state dict (weights only) to `out` and
-    a JSON report beside it; returns the report. Deterministic for a task's seed."""
+    a JSON report beside it; returns the report. Deterministic for a task on a given kind of CPU."""
     started = time.perf_counter()
     log(f"pre-training {model.backbone} (width {model.width:g}) on the source task: {len(source.CATEGORIES)} categories "
         f"x {task.per_category} images, {task.iters} iterations")
@@ -78,13 +89,14 @@ def pretrain(model: ModelConfig, task: SourceTask, mean, std, out: Path,
     held_images, held_labels = source.classification_set(task.heldout_per_category, task.image_size, task.seed + 1)
     generated = time.perf_counter() - started
 
-    torch.manual_seed(task.seed)
-    backbone = build_backbone(model.backbone, model.output_stride, model.width, None, model.stem_pool)
-    channels = backbone(torch.zeros(1, 3, task.image_size, task.image_size))[1].shape[1]
-    net = _Classifier(backbone, channels, len(source.CATEGORIES))
-    _fit(net, _as_input(images, mean, std), torch.from_numpy(labels), task, log)
-    report = {"categories": source.CATEGORIES, "task": dataclasses.asdict(task),
-              "heldout_accuracy": _accuracy(net, _as_input(held_images, mean, std), torch.from_numpy(held_labels)),
+    with torch_threads(task.threads):
+        torch.manual_seed(task.seed)
+        backbone = build_backbone(model.backbone, model.output_stride, model.width, None, model.stem_pool)
+        channels = backbone(torch.zeros(1, 3, task.image_size, task.image_size))[1].shape[1]
+        net = _Classifier(backbone, channels, len(source.CATEGORIES))
+        _fit(net, _as_input(images, mean, std), torch.from_numpy(labels), task, log)
+        accuracy = _accuracy(net, _as_input(held_images, mean, std), torch.from_numpy(held_labels))
+    report = {"categories": source.CATEGORIES, "task": dataclasses.asdict(task), "heldout_accuracy": accuracy,
               "generation_s": round(generated, 1), "seconds": round(time.perf_counter() - started, 1)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +107,19 @@ def pretrain(model: ModelConfig, task: SourceTask, mean, std, out: Path,
     partial.replace(out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report
+
+
+@contextmanager
+def torch_threads(threads: int | None = None):
+    """Inside the block (or decorated function), this process's torch threads are `threads`
+    when given, or whatever the block sets; after it, the caller's again."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: SourceTask, log: Callable[[str], None]) -> None:
