@@ -85,7 +85,7 @@ CASES = [
     ("submit bad inner config", ["submit", "--address", "http://127.0.0.1:9", "--", "train", "--set", "method.lambda_ss=-1"],
      ["method.lambda_ss"], None),
     ("jobs without address", ["jobs", "list"], ["--address"], None),
-    ("pretrain for no iterations", ["pretrain", "--iters", "0"], ["--iters", "at least 1"], None),
+    ("pretrain too short to schedule", ["pretrain", "--iters", "10"], ["--iters", "at least 20"], None),
     ("pack into a non-empty folder", ["data", "pack", "--out", "pack"], ["pack", "not empty"], None),
     ("pack rows-per-file 0", ["data", "pack", "--out", "newpack", "--rows-per-file", "0"], ["--rows-per-file"], None),
     ("folder splits without lists", ["data", "splits", "--dataset", "folder", "--root", "data/ok", "--labeled", "1_8"],
