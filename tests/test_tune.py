@@ -204,11 +204,11 @@ def _sweep_command(space: Path, tiny_overrides, storage: Path, name: str, *extra
             "--name", name, "--experiment", name, *extra]
 
 
-def _run_sweep(space: Path, tiny_overrides, tmp_path: Path, name: str, env: dict) -> dict:
+def _run_sweep(space: Path, tiny_overrides, tmp_path: Path, name: str, env: dict, timeout: float = 900) -> dict:
     """`run.py tune` to the end; its --summary."""
     summary = tmp_path / "summary.json"
     proc = subprocess.run(_sweep_command(space, tiny_overrides, tmp_path / "runs", name, "--summary", str(summary)),
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {**json.loads(summary.read_text()), "stdout": proc.stdout, "stderr": proc.stderr}
 
@@ -243,12 +243,14 @@ def concurrent_sweep(synthetic_root, tmp_path_factory):
     ray_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": ray_dir, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
            "MLFLOW_TRACKING_TOKEN": FAKE_SECRET, "HF_TOKEN": FAKE_SECRET}
+    # Twenty-odd Ray processes start at once on two cores; on a slow day that alone took CI
+    # over the default 300 s without a report, so this sweep's stall limit is longer.
     tiny = {**TINY_TRIAL, "scaling.cpus_per_worker": 0.2, "scaling.data_cpus": 0.2, "train.optimizer": "sgd",
-            "train.iters": 8}
+            "train.iters": 8, "train.stall_timeout_s": 900}
     space = write_space(home, set=tiny, space={"train.lr": {"grid": [0.01, 0.008, 0.006, 1.0e+12]}},
                         tune={"scheduler": "fifo", "num_samples": 1, "trial_driver_cpus": 0.1})
     try:
-        summary = _run_sweep(space, TINY + [f"data.root={root}"], home, "concurrent", env)
+        summary = _run_sweep(space, TINY + [f"data.root={root}"], home, "concurrent", env, timeout=1800)
         yield {**summary, "uri": uri, "home": home, "ray_dir": Path(ray_dir), "broken": broken}
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)  # a short path in /tmp (socket length limit), not in tmp_path
@@ -421,9 +423,11 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(resumed_a
 def test_pbt_sweep_copies_good_trials_into_poor_ones_and_finishes_every_trial(tmp_path, tiny_overrides, sweep_env):
     # A good and a hopeless learning rate run side by side; at each evaluation PBT hands the
     # poor trial (the bottom half of two) the good one's checkpoint and a perturbed learning rate.
+    # Synchronous, so a busy machine that starts one trial late cannot let the other finish unseen.
     space = write_space(tmp_path, set=TINY_TRIAL,
                         space={"train.lr": {"grid": [0.005, 1.0e-6]}},
-                        tune={"scheduler": "pbt", "num_samples": 1, "max_concurrent_trials": 2, "quantile_fraction": 0.5})
+                        tune={"scheduler": "pbt", "num_samples": 1, "max_concurrent_trials": 2, "quantile_fraction": 0.5,
+                              "synch": True})
     summary = _run_sweep(space, tiny_overrides, tmp_path, "pbt", sweep_env)
     client = MlflowClient()
     children = _children(summary["parent_run_id"])

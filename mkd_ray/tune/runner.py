@@ -173,7 +173,7 @@ def _scheduler(sweep: Sweep, rungs_file: str):
         return tune.schedulers.PopulationBasedTraining(
             time_attr="step", perturbation_interval=pbt_interval(sweep),
             hyperparam_mutations={key: dim.mutation() for key, dim in sweep.space.items()},
-            quantile_fraction=t.quantile_fraction, resample_probability=t.resample_probability,
+            quantile_fraction=t.quantile_fraction, resample_probability=t.resample_probability, synch=t.synch,
             custom_explore_fn=functools.partial(_clip_to_space, space=sweep.space))
     return ResumableASHA(
         rungs_file, time_attr="step", max_t=train.iters,

@@ -65,6 +65,9 @@ class TuneSettings:
     perturbation_interval: int = field(default=0, metadata=_range(0))
     quantile_fraction: float = field(default=0.25, metadata=_range(0, 0.5, lo_open=True))
     resample_probability: float = field(default=0.25, metadata=_range(0, 1))
+    # PBT: decide only once every trial has reached the decision step (Ray's synchronous PBT),
+    # so a trial that started late is still compared with the others; the early ones wait.
+    synch: bool = False
     # Stop the whole sweep after this many seconds (0 = no limit).
     time_budget_s: float = field(default=0.0, metadata=_range(0))
     # CPU held by each trial's driver (it only starts and watches its TorchTrainer).
