@@ -6,6 +6,7 @@ mean +- std over seeds."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -100,8 +101,30 @@ def prepared_base(args, out: Path) -> tuple[list[str], ExperimentConfig]:
         base = SMOKE + [f"data.root={out / 'data'}"] + base
     cfg = load_config(args.pipeline, base)
     ensure_synthetic(cfg, log=lambda *_: None)
-    with_source_backbone(cfg)  # pre-trained once here, if the runs ask for it, not by each run at once
+    # Pre-trained once here, if the runs ask for it, not by each run at once.
+    pin_weights(out, with_source_backbone(cfg).model.pretrained)
     return base + [f"train.eval_interval={cfg.train.iters}", f"train.checkpoint_interval={cfg.train.iters}"], cfg
+
+
+def pin_weights(out: Path, weights: str | None) -> None:
+    """Every run in `out` starts from the same initial weights. The first call records the
+    weights file's digest in out/weights.json; a later call with other weights stops before any
+    run. Pre-training is deterministic on one kind of CPU only: elsewhere `model.pretrained=source`
+    yields other weights under the same cache name, which must not join an existing table."""
+    if weights in (None, "imagenet"):  # random initialisation; torchvision's published file
+        return
+    path = Path(weights).resolve()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = out / "weights.json"
+    if not record.is_file():
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        record.write_text(json.dumps({"path": str(shown), "sha256": digest}, indent=2) + "\n")
+        return
+    pinned = json.loads(record.read_text())
+    if pinned["sha256"] != digest:
+        raise SystemExit(f"model.pretrained: {path} (sha256 {digest[:12]}) is not the weights the runs in {out} "
+                         f"started from ({pinned['path']}, sha256 {pinned['sha256'][:12]}, recorded in {record}); "
+                         f"pass --set model.pretrained={pinned['path']}, or another --out for a new table")
 
 
 def summary(results: list[dict], row: str, split: str) -> dict:

@@ -2,14 +2,16 @@
 on the synthetic pipeline at equal iteration budgets, over several seeds and splits, beside two
 references: supervised on all labels (the upper bound) and supervised at MKD's wall-clock.
 
-    .venv/bin/python benchmarks/ssl_table.py [--splits 1_16 1_8] [--seeds 0 1 2] [--parallel 2] [--smoke]
+    .venv/bin/python benchmarks/ssl_table.py [--splits 1_16 1_8] [--seeds 0 1 2] [--rows MKD ...] [--parallel 2] [--smoke]
 
 Every run is `run.py train --local`; each is logged as a child run of one MLflow parent run in
 --experiment (default ssl-table), with its params, val mIoU, per-class IoU and time. The table
 (mean +- std val mIoU, and the share of the supervised -> upper-bound gap each row recovers)
 and a plot go to --out and to a summary run in the same experiment. Each finished run leaves
---out/runs/<key>.json, so a table that was interrupted resumes where it stopped. The full
-table (2 splits x 3 seeds, 51 runs) takes about 4 hours on 2 cores.
+--out/runs/<key>.json, so a table that was interrupted resumes where it stopped; --rows runs
+only the rows named (the upper bound always; the wall-clock reference is a row of its own), so the rows that decide a question can go first,
+and the table shows the rows that have run. The full table (2 splits x 3 seeds, 51 runs) takes
+4 to 8 hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ UPPER = "supervised, all labels"
 WALL_CLOCK = "supervised, MKD's wall-clock"
 
 
-def plan(splits: list[str], seeds: list[int]) -> list[Run]:
-    """The equal-budget runs; the wall-clock references are planned once MKD's times are known."""
-    runs = [Run(row, split, seed, tuple(o)) for split in splits for seed in seeds for row, o in ROWS.items()]
+def plan(splits: list[str], seeds: list[int], rows: list[str]) -> list[Run]:
+    """The equal-budget runs of `rows`; the wall-clock references are planned once MKD's times are known."""
+    runs = [Run(row, split, seed, tuple(ROWS[row])) for split in splits for seed in seeds for row in rows]
     return runs + [Run(UPPER, "all", seed, ("method.name=supervised",)) for seed in seeds]
 
 
@@ -58,26 +60,35 @@ def wall_clock_runs(splits: list[str], seeds: list[int], done: dict[str, dict], 
 
 
 def table(results: list[dict], splits: list[str]) -> dict[tuple[str, str], dict]:
-    """(split, row) -> mean +- std over seeds, and the share of the supervised -> upper-bound gap recovered."""
+    """(split, row) -> mean +- std over seeds, and the share of the supervised -> upper-bound gap
+    recovered; rows without results are left out."""
     upper = summary(results, UPPER, "all")
     rows = {}
     for split in splits:
         supervised = summary(results, "supervised", split)["mean"]
         for row in [*ROWS, WALL_CLOCK]:
+            if not any(r["row"] == row and r["split"] == split for r in results):
+                continue
             r = summary(results, row, split)
             rows[split, row] = {**r, "gap_recovered": (r["mean"] - supervised) / (upper["mean"] - supervised)}
     rows["all", UPPER] = {**upper, "gap_recovered": 1.0}
     return rows
 
 
+def present(rows: dict[tuple[str, str], dict]) -> list[str]:
+    """The table's row names that have results, in the table's order."""
+    return [name for name in [*ROWS, WALL_CLOCK] if any(row == name for _, row in rows)]
+
+
 def markdown(rows: dict[tuple[str, str], dict], splits: list[str]) -> str:
     lines = ["| method | " + " | ".join(f"{s} mIoU | {s} gap recovered" for s in splits) + " |",
              "| --- |" + " --- | --- |" * len(splits)]
-    for row in [*ROWS, WALL_CLOCK]:
+    for row in present(rows):
         cells = []
         for split in splits:
-            r = rows[split, row]
-            cells += [f"{r['mean']:.1f} +- {r['std']:.1f}", f"{100 * r['gap_recovered']:+.0f}%"]
+            r = rows.get((split, row))
+            cells += [f"{r['mean']:.1f} +- {r['std']:.1f} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})", f"{100 * r['gap_recovered']:+.0f}%"] \
+                if r else ["not run", ""]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     upper = rows["all", UPPER]
     lines.append(f"| {UPPER} (upper bound) | " + " | ".join([f"{upper['mean']:.1f} +- {upper['std']:.1f}", "100%"] * len(splits)) + " |")
@@ -90,11 +101,11 @@ def plot(rows: dict[tuple[str, str], dict], splits: list[str], path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [*ROWS, WALL_CLOCK]
+    names = present(rows)
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(splits)
     for k, split in enumerate(splits):
-        picked = [rows[split, n] for n in names]
+        picked = [rows.get((split, n), {"mean": 0.0, "std": 0.0}) for n in names]
         ax.bar([i + k * width for i in range(len(names))], [r["mean"] for r in picked], width,
                yerr=[r["std"] for r in picked], label=f"split {split}", capsize=3)
     ax.axhline(rows["all", UPPER]["mean"], color="black", linestyle="--", label=UPPER)
@@ -139,8 +150,14 @@ def main() -> None:
     parser = harness_parser(__doc__, repeats=1)
     add_run_options(parser, "ssl-table")
     parser.add_argument("--splits", nargs="+", default=["1_16", "1_8"])
+    parser.add_argument("--rows", nargs="+", choices=[*ROWS, WALL_CLOCK], default=[*ROWS, WALL_CLOCK], metavar="ROW",
+                        help=f"rows to run (default all): {', '.join(repr(r) for r in [*ROWS, WALL_CLOCK])}")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/ssl_table (a temporary folder with --smoke)")
     args = parser.parse_args()
+    if "supervised" not in args.rows:
+        parser.error("--rows must include 'supervised': every row is read against it")
+    if WALL_CLOCK in args.rows and "MKD" not in args.rows:
+        parser.error(f"--rows: {WALL_CLOCK!r} needs 'MKD' too: its budget is MKD's measured time")
     if args.smoke:
         args.splits, args.seeds = ["1_8"], [0]
         args.out = args.out or Path(tempfile.mkdtemp(prefix="ssl_table_smoke"))
@@ -148,15 +165,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     base, cfg = prepared_base(args, args.out)
 
-    done = run_all(plan(args.splits, args.seeds), base, args, args.out)
-    done.update(run_all(wall_clock_runs(args.splits, args.seeds, done, cfg.train.iters), base, args, args.out))
+    done = run_all(plan(args.splits, args.seeds, [r for r in args.rows if r in ROWS]), base, args, args.out)
+    if WALL_CLOCK in args.rows:
+        done.update(run_all(wall_clock_runs(args.splits, args.seeds, done, cfg.train.iters), base, args, args.out))
     rows = table(list(done.values()), args.splits)
     (args.out / "ssl_table.md").write_text(markdown(rows, args.splits))
     (args.out / "ssl_table.json").write_text(json.dumps({"rows": list(rows.values()), "runs": list(done.values())}, indent=2))
     plot(rows, args.splits, args.out / "ssl_table.png")
     run_id = log_to_mlflow(args.experiment, args.out, list(done.values()), cfg.data.class_names, args)
-    mkd, supervised = rows[args.splits[-1], "MKD"], rows[args.splits[-1], "supervised"]
-    emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"], "goal": "> 1 (MKD above supervised)",
+    mkd, supervised = rows.get((args.splits[-1], "MKD")), rows[args.splits[-1], "supervised"]
+    emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"] if mkd else None,
+          "goal": "> 1 (MKD above supervised)",
           "smoke": args.smoke, "pipeline": str(args.pipeline), "overrides": args.overrides, "rows": list(rows.values()),
           "mlflow_run_id": run_id, "table": str(args.out / "ssl_table.md")})
 

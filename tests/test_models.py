@@ -117,6 +117,28 @@ def test_pre_training_does_not_depend_on_the_callers_threads(tmp_path):
         SourceTask(iters=10)
 
 
+def test_a_harness_table_refuses_runs_from_other_initial_weights(tmp_path, monkeypatch):
+    """On another kind of CPU pre-training yields other weights under the same cache name: a
+    table's runs pin their weights' digest, and other weights cannot resume the table."""
+    import json
+
+    from tests.conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from _runs import pin_weights
+
+    first, other, table = tmp_path / "first.pt", tmp_path / "other.pt", tmp_path / "table"
+    torch.save({"w": torch.zeros(2)}, first)
+    torch.save({"w": torch.ones(2)}, other)
+    table.mkdir()
+    pin_weights(table, str(first))
+    pin_weights(table, str(first))  # the same weights resume the table
+    pin_weights(table, None)  # random initialisation pins nothing
+    with pytest.raises(SystemExit, match=r"other.pt .* is not the weights the runs in .* started from .*first.pt"):
+        pin_weights(table, str(other))
+    assert json.loads((table / "weights.json").read_text())["path"] == str(first)
+
+
 def test_source_names_one_cached_backbone_per_layout(tmp_path, monkeypatch):
     from mkd_ray.config import load_config, with_absolute_paths
     from mkd_ray.models import pretrain
