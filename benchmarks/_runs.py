@@ -121,6 +121,9 @@ def pin_weights(out: Path, weights: str | None) -> None:
         record.write_text(json.dumps({"path": str(shown), "sha256": digest}, indent=2) + "\n")
         return
     pinned = json.loads(record.read_text())
+    if pinned["sha256"] is None:  # a table whose weights were not kept
+        raise SystemExit(f"the runs in {out} started from weights that were not kept ({pinned['note']}; "
+                         f"{record}); start a new table with another --out")
     if pinned["sha256"] != digest:
         raise SystemExit(f"model.pretrained: {path} (sha256 {digest[:12]}) is not the weights the runs in {out} "
                          f"started from ({pinned['path']}, sha256 {pinned['sha256'][:12]}, recorded in {record}); "

@@ -137,6 +137,11 @@ def test_a_harness_table_refuses_runs_from_other_initial_weights(tmp_path, monke
     with pytest.raises(SystemExit, match=r"other.pt .* is not the weights the runs in .* started from .*first.pt"):
         pin_weights(table, str(other))
     assert json.loads((table / "weights.json").read_text())["path"] == str(first)
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "weights.json").write_text(json.dumps({"path": None, "sha256": None, "note": "pre-trained elsewhere"}))
+    with pytest.raises(SystemExit, match=r"weights that were not kept \(pre-trained elsewhere"):
+        pin_weights(lost, str(first))
 
 
 def test_source_names_one_cached_backbone_per_layout(tmp_path, monkeypatch):
