@@ -314,22 +314,22 @@ class MutualKD(nn.Module):
         teacher = self.teachers[t]
         out = self._forward(teacher, [batch.x_l, batch.x_w] if self.cfg.distill_labeled else [batch.x_w])
         z = out["logits"]
+        ignore = self._teacher_ignore(batch)
+        n_l = batch.x_l.shape[0]
         if self.use_isda and self.cfg.isda_teachers:
             stats = self.feature_stats[len(self.students) + t]
             own = class_argmax(z)
             if self.cfg.distill_labeled:
-                n_l = batch.x_l.shape[0]
                 own = torch.cat([batch.y_l, own[n_l:]])
-            own_valid = own.masked_fill(self._teacher_ignore(batch), self.ignore_index)
+            own_valid = own.masked_fill(ignore, self.ignore_index)
             stats.update(out["features"], own_valid)
             plain, z = z, augment_logits(z, own_valid, stats.logit_offsets(teacher.classifier.weight, lam))
-        valid = self._at_distill_scale(~self._teacher_ignore(batch)) if self.aligner is not None else None  # alignment's pixels
+        valid = self._at_distill_scale(~ignore) if self.aligner is not None else None  # alignment's pixels
         conf, label = self._confident_class(t, z, valid)
         if self.use_isda and self.cfg.isda_teachers and self.cfg.select_before_isda:
             # The label after ISDA, its confidence before it (reference).
             conf = self._confident_class(t, plain, valid, update=False)[0]
         if self.cfg.distill_labeled:
-            n_l = batch.x_l.shape[0]
             conf = torch.cat([conf[:n_l], to_strong_view(batch, conf[n_l:])])
             label = torch.cat([label[:n_l], to_strong_view(batch, label[n_l:])])
         else:
