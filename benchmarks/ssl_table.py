@@ -4,14 +4,14 @@ references: supervised on all labels (the upper bound) and supervised at MKD's w
 
     .venv/bin/python benchmarks/ssl_table.py [--splits 1_16 1_8] [--seeds 0 1 2] [--rows MKD ...] [--parallel 2] [--smoke]
 
-Every run is `run.py train --local`; each is logged as a child run of one MLflow parent run in
---experiment (default ssl-table), with its params, val mIoU, per-class IoU and time. The table
-(mean +- std val mIoU, and the share of the supervised -> upper-bound gap each row recovers)
-and a plot go to --out and to a summary run in the same experiment. Each finished run leaves
---out/runs/<key>.json, so a table that was interrupted resumes where it stopped; --rows runs
-only the rows named (the upper bound always; the wall-clock reference is a row of its own), so
-the rows that decide a question can go first, and the table shows the rows that have run. The full table (2 splits x 3 seeds, 51 runs) takes
-4 to 8 hours on 2 cores.
+Every run is `run.py train --local`; each is logged as a child run of the table's one MLflow
+parent run in --experiment (default ssl-table), with its params, val mIoU, per-class IoU and
+time. The table (mean +- std val mIoU, and the share of the supervised -> upper-bound gap each
+row recovers) and a plot go to --out and to that parent run. Each finished run leaves
+--out/runs/<key>.json, so a table that was interrupted resumes where it stopped, under the same
+parent run; --rows runs only the rows named (the upper bound always; the wall-clock reference
+is a row of its own), so the rows that decide a question can go first, and the table shows the
+rows that have run. The full table (2 splits x 3 seeds, 51 runs) takes 4 to 8 hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ def plot(rows: dict[tuple[str, str], dict], splits: list[str], path: Path) -> No
 
 
 def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: list[str], args) -> str:
-    """One parent run holding the table and the plot, and a child run per training run."""
+    """One parent run per table folder, holding the table and the plot, and a child run (role
+    "ssl_table_run") per training run. A resumed table reuses its parent and adds only the runs
+    it has not logged, so an invocation per group of rows still leaves one table in MLflow."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -131,14 +133,21 @@ def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: 
     client = MlflowClient(tracking_uri())
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {"mkd_ray.role": "ssl_table", "git_commit": git_commit()}
-    parent = client.create_run(experiment_id, run_name="ssl-table", tags=tags).info.run_id
-    client.log_batch(parent, params=[Param("splits", ",".join(args.splits)), Param("seeds", ",".join(map(str, args.seeds)))])
+    tags = {"mkd_ray.role": "ssl_table", "mkd_ray.table": str(out.resolve()), "git_commit": git_commit()}
+    parent = table_parent_run(client, experiment_id, tags)
+    for key, value in {"splits": ",".join(args.splits), "seeds": ",".join(map(str, args.seeds)), **tags}.items():
+        client.set_tag(parent, key, value)  # tags, not params: a resumed table may name other splits
     for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
         client.log_artifact(parent, str(out / name))
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10_000)
+    logged = {child.info.run_name for child in children}
     for r in results:
-        child = client.create_run(experiment_id, run_name=f"{r['split']} {r['row']} seed {r['seed']}",
-                                  tags={**tags, "mlflow.parentRunId": parent, "method": r["row"]}).info.run_id
+        run_name = f"{r['split']} {r['row']} seed {r['seed']}"
+        if run_name in logged:
+            continue
+        child = client.create_run(experiment_id, run_name=run_name,
+                                  tags={**tags, "mkd_ray.role": "ssl_table_run", "mlflow.parentRunId": parent,
+                                        "method": r["row"]}).info.run_id
         params = {"row": r["row"], "data.split": r["split"], "train.seed": r["seed"], "train.iters": r["iters"],
                   "overrides": " ".join(r["overrides"])}
         metrics = {"val/miou": r["miou"], "seconds": r["seconds"],
@@ -148,6 +157,13 @@ def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: 
         client.set_terminated(child)
     client.set_terminated(parent)
     return parent
+
+
+def table_parent_run(client, experiment_id: str, tags: dict[str, str]) -> str:
+    """The parent run of the table in tags["mkd_ray.table"], created on the table's first log."""
+    found = client.search_runs([experiment_id], f"tags.`mkd_ray.role` = 'ssl_table' and "
+                                                f"tags.`mkd_ray.table` = '{tags['mkd_ray.table']}'", max_results=1)
+    return found[0].info.run_id if found else client.create_run(experiment_id, run_name="ssl-table", tags=tags).info.run_id
 
 
 def main() -> None:

@@ -100,3 +100,41 @@ def test_the_final_model_is_a_logged_model_that_eval_by_run_id_downloads(tmp_pat
     assert [(o.model_id, o.step) for o in client.get_run(logger.run_id).outputs.model_outputs] == [(model_id, 30)]
     assert str(client.get_logged_model(model_id).status) == "READY"
     assert download_checkpoint(logger.run_id, tmp_path / "down", uri).read_bytes() == b"checkpoint bytes"
+
+
+def test_a_resumed_ssl_table_keeps_one_parent_run_and_logs_each_run_once(tmp_path, monkeypatch):
+    """A table made over several invocations (one per group of rows) is one table in MLflow."""
+    import argparse
+
+    from tests.conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from ssl_table import log_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    table = tmp_path / "table"
+    table.mkdir()
+    for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
+        (table / name).write_text(name)
+
+    def result(row, split, miou):
+        return {"row": row, "split": split, "seed": 0, "iters": 10, "overrides": [], "miou": miou, "seconds": 1.0,
+                "iou": [miou] * len(CLASSES)}
+
+    first = [result("supervised", "1_16", 20.0), result("MKD", "1_16", 24.0)]
+    parent = log_to_mlflow("tables", table, first, CLASSES, argparse.Namespace(splits=["1_16"], seeds=[0]))
+    resumed = log_to_mlflow("tables", table, first + [result("MKD", "1_8", 30.0)], CLASSES,
+                            argparse.Namespace(splits=["1_8"], seeds=[0]))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tables").experiment_id
+    assert resumed == parent
+    assert len(client.search_runs([experiment], "tags.`mkd_ray.role` = 'ssl_table'")) == 1
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(c.info.run_name for c in children) == ["1_16 MKD seed 0", "1_16 supervised seed 0", "1_8 MKD seed 0"]
+    assert client.get_run(parent).data.tags["splits"] == "1_8"
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
+        (other / name).write_text(name)
+    assert log_to_mlflow("tables", other, first, CLASSES, argparse.Namespace(splits=["1_16"], seeds=[0])) != parent
