@@ -67,6 +67,8 @@ def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: 
     chunk = max(cfg.data.unlabeled_batch_size, 16)
     end = start_draw + num_draws
     ranges = [{"first": g, "count": min(chunk, end - g)} for g in range(start_draw, end, chunk)]
+    # Ray 2.60 deprecates **ray_remote_args but names no parameter for a placement group yet
+    # (deferred by ray-project/ray#65227): the strategy goes through them until it does.
     placement = {}
     if placement_group is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
