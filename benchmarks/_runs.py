@@ -82,6 +82,11 @@ def execute(run: Run, base: list[str], args, out: Path) -> dict:
     return result
 
 
+def recorded(out: Path) -> list[dict]:
+    """Every finished run in `out`, whichever invocation ran it."""
+    return [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
+
+
 def run_all(runs: list[Run], base: list[str], args, out: Path) -> dict[str, dict]:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:

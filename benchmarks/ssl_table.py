@@ -10,8 +10,9 @@ time. The table (mean +- std val mIoU, and the share of the supervised -> upper-
 row recovers) and a plot go to --out and to that parent run. Each finished run leaves
 --out/runs/<key>.json, so a table that was interrupted resumes where it stopped, under the same
 parent run; --rows runs only the rows named (the upper bound always; the wall-clock reference
-is a row of its own), so the rows that decide a question can go first, and the table shows the
-rows that have run. The full table (2 splits x 3 seeds, 51 runs) takes 4 to 8 hours on 2 cores.
+is a row of its own), so the rows that decide a question can go first; the table and the plot
+show every run in --out, whichever invocation ran it. The full table (2 splits x 3 seeds, 51
+runs) takes 4 to 8 hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from _common import REPO, emit, harness_parser
-from _runs import ORACLE, Run, add_run_options, prepared_base, run_all, summary
+from _runs import ORACLE, Run, add_run_options, prepared_base, recorded, run_all, summary
 
 # Row -> overrides of the pipeline. Every row shares the pipeline's budget and schedule.
 ROWS = {
@@ -58,6 +59,15 @@ def wall_clock_runs(splits: list[str], seeds: list[int], done: dict[str, dict], 
                   f"train.checkpoint_interval={scaled}")
         runs += [Run(WALL_CLOCK, split, seed, budget) for seed in seeds]
     return runs
+
+
+def labeled_fraction(split: str) -> float:
+    """The order of a table's splits: "1_16" before "1_8"; a count of labeled images by value."""
+    numerator, _, denominator = split.partition("_")
+    try:
+        return float(numerator) / float(denominator or 1)
+    except ValueError:  # a split named otherwise goes last
+        return float("inf")
 
 
 def table(results: list[dict], splits: list[str]) -> dict[tuple[str, str], dict]:
@@ -121,7 +131,8 @@ def plot(rows: dict[tuple[str, str], dict], splits: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: list[str], args) -> str:
+def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: list[str], splits: list[str],
+                  seeds: list[int]) -> str:
     """One parent run per table folder, holding the table and the plot, and a child run (role
     "ssl_table_run") per training run. A resumed table reuses its parent and adds only the runs
     it has not logged, so an invocation per group of rows still leaves one table in MLflow."""
@@ -135,7 +146,7 @@ def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: 
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     tags = {"mkd_ray.role": "ssl_table", "mkd_ray.table": str(out.resolve()), "git_commit": git_commit()}
     parent = table_parent_run(client, experiment_id, tags)
-    for key, value in {"splits": ",".join(args.splits), "seeds": ",".join(map(str, args.seeds)), **tags}.items():
+    for key, value in {"splits": ",".join(splits), "seeds": ",".join(map(str, seeds)), **tags}.items():
         client.set_tag(parent, key, value)  # tags, not params: a resumed table may name other splits
     for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
         client.log_artifact(parent, str(out / name))
@@ -188,12 +199,16 @@ def main() -> None:
     done = run_all(plan(args.splits, args.seeds, [r for r in args.rows if r in ROWS]), base, args, args.out)
     if WALL_CLOCK in args.rows:
         done.update(run_all(wall_clock_runs(args.splits, args.seeds, done, cfg.train.iters), base, args, args.out))
-    rows = table(list(done.values()), args.splits)
-    (args.out / "ssl_table.md").write_text(markdown(rows, args.splits))
-    (args.out / "ssl_table.json").write_text(json.dumps({"rows": list(rows.values()), "runs": list(done.values())}, indent=2))
-    plot(rows, args.splits, args.out / "ssl_table.png")
-    run_id = log_to_mlflow(args.experiment, args.out, list(done.values()), cfg.data.class_names, args)
-    mkd, supervised = rows.get((args.splits[-1], "MKD")), rows[args.splits[-1], "supervised"]
+    # The table is the folder's: every run in it, also those of earlier invocations (other rows or splits).
+    results = recorded(args.out)
+    splits = sorted({r["split"] for r in results} - {"all"}, key=labeled_fraction)
+    rows = table(results, splits)
+    (args.out / "ssl_table.md").write_text(markdown(rows, splits))
+    (args.out / "ssl_table.json").write_text(json.dumps({"rows": list(rows.values()), "runs": results}, indent=2))
+    plot(rows, splits, args.out / "ssl_table.png")
+    seeds = sorted({r["seed"] for r in results})
+    run_id = log_to_mlflow(args.experiment, args.out, results, cfg.data.class_names, splits, seeds)
+    mkd, supervised = rows.get((splits[-1], "MKD")), rows[splits[-1], "supervised"]
     emit({"name": "ssl_table", "ratio": mkd["mean"] / supervised["mean"] if mkd else None,
           "goal": "> 1 (MKD above supervised)",
           "smoke": args.smoke, "pipeline": str(args.pipeline), "overrides": args.overrides, "rows": list(rows.values()),

@@ -104,8 +104,6 @@ def test_the_final_model_is_a_logged_model_that_eval_by_run_id_downloads(tmp_pat
 
 def test_a_resumed_ssl_table_keeps_one_parent_run_and_logs_each_run_once(tmp_path, monkeypatch):
     """A table made over several invocations (one per group of rows) is one table in MLflow."""
-    import argparse
-
     from tests.conftest import REPO
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
@@ -123,18 +121,17 @@ def test_a_resumed_ssl_table_keeps_one_parent_run_and_logs_each_run_once(tmp_pat
                 "iou": [miou] * len(CLASSES)}
 
     first = [result("supervised", "1_16", 20.0), result("MKD", "1_16", 24.0)]
-    parent = log_to_mlflow("tables", table, first, CLASSES, argparse.Namespace(splits=["1_16"], seeds=[0]))
-    resumed = log_to_mlflow("tables", table, first + [result("MKD", "1_8", 30.0)], CLASSES,
-                            argparse.Namespace(splits=["1_8"], seeds=[0]))
+    parent = log_to_mlflow("tables", table, first, CLASSES, ["1_16"], [0])
+    resumed = log_to_mlflow("tables", table, first + [result("MKD", "1_8", 30.0)], CLASSES, ["1_16", "1_8"], [0])
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("tables").experiment_id
     assert resumed == parent
     assert len(client.search_runs([experiment], "tags.`mkd_ray.role` = 'ssl_table'")) == 1
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(c.info.run_name for c in children) == ["1_16 MKD seed 0", "1_16 supervised seed 0", "1_8 MKD seed 0"]
-    assert client.get_run(parent).data.tags["splits"] == "1_8"
+    assert client.get_run(parent).data.tags["splits"] == "1_16,1_8"
     other = tmp_path / "other"
     other.mkdir()
     for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
         (other / name).write_text(name)
-    assert log_to_mlflow("tables", other, first, CLASSES, argparse.Namespace(splits=["1_16"], seeds=[0])) != parent
+    assert log_to_mlflow("tables", other, first, CLASSES, ["1_16"], [0]) != parent
