@@ -136,7 +136,7 @@ def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: 
     """One parent run per table folder, holding the table and the plot, and a child run (role
     "ssl_table_run") per training run. A resumed table reuses its parent and adds only the runs
     it has not logged, so an invocation per group of rows still leaves one table in MLflow."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from mkd_ray.tracking import git_commit, tracking_uri
@@ -146,8 +146,9 @@ def log_to_mlflow(experiment: str, out: Path, results: list[dict], class_names: 
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     tags = {"mkd_ray.role": "ssl_table", "mkd_ray.table": str(out.resolve()), "git_commit": git_commit()}
     parent = table_parent_run(client, experiment_id, tags)
-    for key, value in {"splits": ",".join(splits), "seeds": ",".join(map(str, seeds)), **tags}.items():
-        client.set_tag(parent, key, value)  # tags, not params: a resumed table may name other splits
+    # Tags, not params: a resumed table may name other splits.
+    client.log_batch(parent, tags=[RunTag(k, v) for k, v in {**tags, "splits": ",".join(splits),
+                                                             "seeds": ",".join(map(str, seeds))}.items()])
     for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
         client.log_artifact(parent, str(out / name))
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10_000)

@@ -111,10 +111,14 @@ def test_a_resumed_ssl_table_keeps_one_parent_run_and_logs_each_run_once(tmp_pat
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    table = tmp_path / "table"
-    table.mkdir()
-    for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
-        (table / name).write_text(name)
+    def table_folder(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        for artifact in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
+            (folder / artifact).write_text(artifact)
+        return folder
+
+    table = table_folder("table")
 
     def result(row, split, miou):
         return {"row": row, "split": split, "seed": 0, "iters": 10, "overrides": [], "miou": miou, "seconds": 1.0,
@@ -130,8 +134,4 @@ def test_a_resumed_ssl_table_keeps_one_parent_run_and_logs_each_run_once(tmp_pat
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(c.info.run_name for c in children) == ["1_16 MKD seed 0", "1_16 supervised seed 0", "1_8 MKD seed 0"]
     assert client.get_run(parent).data.tags["splits"] == "1_16,1_8"
-    other = tmp_path / "other"
-    other.mkdir()
-    for name in ("ssl_table.md", "ssl_table.json", "ssl_table.png"):
-        (other / name).write_text(name)
-    assert log_to_mlflow("tables", other, first, CLASSES, ["1_16"], [0]) != parent
+    assert log_to_mlflow("tables", table_folder("other"), first, CLASSES, ["1_16"], [0]) != parent
