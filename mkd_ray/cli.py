@@ -235,7 +235,7 @@ def cmd_tune(args) -> int:
         name = latest_sweep(args.storage, args.space.stem) if args.resume else f"{args.space.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_sweep(sweep, name, args.storage, args.experiment, args.address, args.resume)
     table, metric = summary.table, sweep.tune.metric
-    shown = ["trial_id", "status", "steps", f"best {metric}", *sweep.space]
+    shown = ["trial_id", "status", "steps", f"last {metric}", f"best {metric}", *sweep.space]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(table) else "no trials ran")
     counts = table["status"].value_counts() if len(table) else {}
     print(f"{len(table)} trials ({counts.get('completed', 0)} completed, {counts.get('stopped early', 0)} stopped early, "
@@ -259,17 +259,20 @@ def _print_sweep_answer(summary, sweep, name: str, experiment: str) -> None:
     from mkd_ray.tracking import ui_hint
 
     table, metric = summary.table, sweep.tune.metric
+    last = f"last {metric}"
     best = table.iloc[0]
-    print(f"best: trial {best['trial_id']}, {metric} {best[f'best {metric}']:.2f}")
+    print(f"best: trial {best['trial_id']}, {metric} {best[last]:.2f} at step {best['steps']}")
     for key in sweep.space:
         print(f"  {key}: {best[key]}")
     defaults = [row for _, row in table.iterrows()
                 if summary.default is not None and all(row[k] == v for k, v in summary.default.items())]
     if defaults:
         row = defaults[0]
+        budget = ("at the same budget" if row["steps"] == best["steps"]
+                  else f"at step {best['steps']} against the default's step {row['steps']}")
         print(f"default configuration ({', '.join(f'{k}={v}' for k, v in summary.default.items())}): "
-              f"{metric} {row[f'best {metric}']:.2f} (trial {row['trial_id']}, {row['status']}), "
-              f"so the best is {best[f'best {metric}'] - row[f'best {metric}']:+.2f} at the same budget")
+              f"{metric} {row[last]:.2f} (trial {row['trial_id']}, {row['status']}), "
+              f"so the best is {best[last] - row[last]:+.2f} {budget}")
     full = summary.iters * len(table)
     if full:
         print(f"compute: the trials ran {int(table['steps'].sum()):,} of {full:,} steps "

@@ -273,7 +273,7 @@ def latest_sweep(storage: str, prefix: str) -> str:
 @dataclass
 class SweepSummary:
     parent_run_id: str
-    table: pd.DataFrame  # one row per trial, best first
+    table: pd.DataFrame  # one row per trial, best first (`_rank`)
     best_config: Optional[dict]
     seconds: float
     path: str
@@ -458,10 +458,20 @@ def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name
             error = result.error if result is not None else None
             _close_trial_run(client, run, status, steps, error, history[-1].timestamp if history else None,
                              failure if status == "unfinished" else None)
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values(f"best {metric}", ascending=sweep.tune.mode == "min", na_position="last")
-    return table.reset_index(drop=True)
+    return _rank(pd.DataFrame(rows), sweep)
+
+
+def _rank(table: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
+    """Best first: trials that ran the whole budget ahead of those stopped or cut short, each
+    by its metric at its last evaluation, the score a trial's configuration reaches at that
+    budget (as `run.py compare` ranks runs). Not by its best evaluation: in a sweep with a
+    warm-up that would credit a configuration with a supervised-only step's score."""
+    if not len(table):
+        return table
+    metric = f"last {sweep.tune.metric}"
+    ranked = table.assign(_full=table["steps"] >= sweep.base.train.iters).sort_values(
+        ["_full", metric], ascending=[False, sweep.tune.mode == "min"], na_position="last")
+    return ranked.drop(columns="_full").reset_index(drop=True)
 
 
 _RUN_STATUS = {"completed": RunStatus.FINISHED, "stopped early": RunStatus.KILLED, "error": RunStatus.FAILED,
@@ -491,7 +501,7 @@ def _close_trial_run(client: MlflowClient, run, status: str, steps: int, error, 
 
 
 def _best_config(table: pd.DataFrame, sweep: Sweep, base: dict) -> Optional[dict]:
-    scored = table.dropna(subset=[f"best {sweep.tune.metric}"])
+    scored = table.dropna(subset=[f"last {sweep.tune.metric}"])
     if scored.empty:
         return None
     sampled = {key: scored.iloc[0][key] for key in sweep.space}
@@ -516,7 +526,7 @@ def _finish_parent(client: MlflowClient, parent_id: str, table: pd.DataFrame, be
         tags.append(RunTag("best_trial", str(top["trial_id"])))
         if top["mlflow_run_id"]:
             tags.append(RunTag("best_run_id", str(top["mlflow_run_id"])))
-        client.log_metric(parent_id, f"best/{metric}", float(top[f"best {metric}"]))
+        client.log_metric(parent_id, f"best/{metric}", float(top[f"last {metric}"]))
     if failure:
         tags.append(RunTag("failure_reason", failure[:5000]))
     client.log_batch(parent_id, tags=tags)
