@@ -124,12 +124,12 @@ def test_trials_rank_by_their_score_at_the_budget_not_by_a_warm_up_evaluation(tm
 
     from mkd_ray.tune.runner import _rank
 
-    sweep = load_sweep(write_space(tmp_path, set={"train.iters": 300}))
+    sweep = load_sweep(write_space(tmp_path))
     table = pd.DataFrame([
-        {"trial_id": "stopped", "steps": 200, "best val/miou": 33.0, "last val/miou": 30.0},
-        {"trial_id": "peaked early", "steps": 300, "best val/miou": 32.5, "last val/miou": 31.0},
-        {"trial_id": "ends best", "steps": 300, "best val/miou": 31.5, "last val/miou": 31.5},
-        {"trial_id": "failed", "steps": 100, "best val/miou": float("nan"), "last val/miou": float("nan")},
+        {"trial_id": "stopped", "status": "stopped early", "best val/miou": 33.0, "last val/miou": 30.0},
+        {"trial_id": "peaked early", "status": "completed", "best val/miou": 32.5, "last val/miou": 31.0},
+        {"trial_id": "ends best", "status": "completed", "best val/miou": 31.5, "last val/miou": 31.5},
+        {"trial_id": "failed", "status": "error", "best val/miou": float("nan"), "last val/miou": float("nan")},
     ])
     assert list(_rank(table, sweep)["trial_id"]) == ["ends best", "peaked early", "stopped", "failed"]
 

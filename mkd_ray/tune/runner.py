@@ -462,14 +462,14 @@ def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name
 
 
 def _rank(table: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
-    """Best first: trials that ran the whole budget ahead of those stopped or cut short, each
+    """Best first: trials that completed the budget ahead of those stopped or cut short, each
     by its metric at its last evaluation, the score a trial's configuration reaches at that
     budget (as `run.py compare` ranks runs). Not by its best evaluation: in a sweep with a
     warm-up that would credit a configuration with a supervised-only step's score."""
     if not len(table):
         return table
     metric = f"last {sweep.tune.metric}"
-    ranked = table.assign(_full=table["steps"] >= sweep.base.train.iters).sort_values(
+    ranked = table.assign(_full=table["status"] == "completed").sort_values(
         ["_full", metric], ascending=[False, sweep.tune.mode == "min"], na_position="last")
     return ranked.drop(columns="_full").reset_index(drop=True)
 
