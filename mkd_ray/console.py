@@ -3,7 +3,7 @@
 Training workers do not print: rank 0 posts each progress line to a `ProgressBoard` actor,
 and the driver prints them, once, with the run's label. Ray's own logs stay in its session
 files unless `--verbose` (or MKD_RAY_VERBOSE=1) asks for them on the console. The same board
-tells the driver when any run last made progress; after `train.stall_timeout_s` without any,
+tells the driver when any run last made progress (a line, or a step: see `Heartbeat`); after `train.stall_timeout_s` without any,
 the driver interrupts itself (as Ctrl-C would, so Tune saves a resumable state and Ray Train
 aborts its workers) and raises `Stalled`, naming what waits for which resources.
 """
@@ -70,10 +70,29 @@ class ProgressBoard:
         if progress:
             self._last_progress = time.monotonic()
 
+    def beat(self) -> None:
+        """A training step finished: progress, with nothing to print."""
+        self._last_progress = time.monotonic()
+
     def drain(self) -> tuple[list[tuple[str, str]], float]:
         """The lines posted since the last call, and seconds since the last progress."""
         lines, self._lines = self._lines, []
         return lines, time.monotonic() - self._last_progress
+
+
+class Heartbeat:
+    """Tells the board, at most every `every_s` seconds, that steps are being made: a slow log
+    interval on a slow machine is not a stall, a step that never ends is."""
+
+    def __init__(self, send: Callable[[], None], every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.send, self.every_s, self.clock = send, every_s, clock
+        self._last = clock()
+
+    def __call__(self) -> None:
+        now = self.clock()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.send()
 
 
 def new_board():
@@ -133,7 +152,7 @@ class Console:
                     f"{self.what} made no progress for {idle:.0f} s (train.stall_timeout_s={self.stall_timeout_s:g}): "
                     f"{waiting_for_resources()}. Free CPUs for what waits (lower scaling.num_workers, "
                     "scaling.cpus_per_worker, scaling.data_cpus or tune.max_concurrent_trials), or raise "
-                    "train.stall_timeout_s if a log interval is just slow")
+                    "train.stall_timeout_s if one step or evaluation is just slow")
                 self._interrupt_main()
                 return
 

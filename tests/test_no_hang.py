@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -120,3 +121,23 @@ def test_a_run_that_cannot_fit_the_cluster_is_refused_before_anything_starts(clu
         "scaling.data_cpus 0.4); the cluster has 2. Lower scaling.num_workers, scaling.cpus_per_worker or "
         "scaling.data_cpus, or add CPUs to the cluster")
     assert mlflow.search_runs(experiment_names=["too-big"], output_format="list") == []
+
+
+def test_steps_between_log_lines_are_progress_but_print_nothing():
+    """A slow machine's 500-step log interval can outlast the stall timeout: the workers' beats,
+    not only their lines, keep the watch from calling a run that makes steps stalled."""
+    from mkd_ray.console import Heartbeat, ProgressBoard
+
+    board = ProgressBoard()
+    time.sleep(0.2)
+    assert board.drain()[1] >= 0.2
+    board.beat()
+    lines, idle = board.drain()
+    assert lines == [] and idle < 0.2
+
+    now = [0.0]
+    sent = []
+    beat = Heartbeat(lambda: sent.append(now[0]), every_s=10.0, clock=lambda: now[0])
+    for now[0] in (1.0, 9.9, 10.0, 15.0, 20.5, 31.0):
+        beat()
+    assert sent == [10.0, 20.5, 31.0]  # at most one beat per 10 s, however many steps

@@ -86,9 +86,10 @@ def test_set_routes_tune_keys_to_the_sweep_and_the_rest_to_the_base(tmp_path):
 @pytest.mark.parametrize("name", ["synthetic", "synthetic-quick", "voc", "cityscapes"])
 def test_shipped_spaces_load_and_search_the_method_knobs(name):
     sweep = load_sweep(REPO / "tune_spaces" / f"{name}.yaml")
-    assert {"method.tau_t", "method.lambda_st"} <= set(sweep.space)
-    if name != "synthetic":  # `make tune`'s four trials search only the two that decided the larger search
-        assert {"method.ema_decay", "method.lambda_ss"} <= set(sweep.space)
+    if name == "synthetic":  # `make tune`'s four trials: a grid over the two levers the evidence found
+        assert set(sweep.space) == {"method.lambda_st", "method.distribution_alignment"}
+        return
+    assert {"method.tau_t", "method.lambda_st", "method.ema_decay", "method.lambda_ss"} <= set(sweep.space)
     if not name.startswith("synthetic"):
         assert {"method.tau_s", "method.lam_max", "train.lr"} <= set(sweep.space)
 
@@ -98,7 +99,7 @@ def test_the_laptop_sweep_runs_the_pipeline_budget_on_the_table_dataset_from_the
     sweep = load_sweep(REPO / "tune_spaces" / "synthetic.yaml")
     pipeline = load_config(BASE)
     assert sweep.base.model.pretrained == "source" and sweep.base.train.iters == pipeline.train.iters
-    assert sweep.base.data.synth.seed == pipeline.data.synth.seed and sweep.tune.num_samples == 4
+    assert sweep.base.data.synth.seed == pipeline.data.synth.seed and sweep.num_trials == 4
 
 
 @pytest.mark.parametrize("name", ["synthetic", "synthetic-search"])
@@ -176,6 +177,26 @@ def test_asha_rungs_outlive_the_scheduler_that_recorded_them(tmp_path):
     assert fresh.on_trial_result(None, poor, {"step": 4, "val/miou": 1.5}) == "CONTINUE"
 
 
+def test_asha_judges_others_against_the_baseline_but_never_stops_it(tmp_path):
+    """The default configuration runs the whole budget, so the sweep's pick is compared with it
+    at the same budget; its scores still sit in the rungs and stop worse trials."""
+    from types import SimpleNamespace
+
+    from mkd_ray.tune.runner import ResumableASHA
+
+    asha = ResumableASHA(str(tmp_path / "rungs.json"), baseline={"method.lambda_st": 0.25}, time_attr="step",
+                         metric="val/miou", mode="max", max_t=12, grace_period=4, reduction_factor=2)
+    better = SimpleNamespace(trial_id="better", config={"method.lambda_st": 1.2})
+    default = SimpleNamespace(trial_id="default", config={"method.lambda_st": 0.25})
+    worse = SimpleNamespace(trial_id="worse", config={"method.lambda_st": 0.5})
+    for trial in (better, default, worse):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, better, {"step": 4, "val/miou": 30.0}) == "CONTINUE"
+    assert asha.on_trial_result(None, default, {"step": 4, "val/miou": 25.0}) == "CONTINUE"  # ASHA alone: STOP
+    assert asha.on_trial_result(None, worse, {"step": 4, "val/miou": 20.0}) == "STOP"  # below the baseline too
+    assert asha.on_trial_result(None, default, {"step": 12, "val/miou": 21.0}) == "STOP"  # the budget's end
+
+
 def test_resource_plan_fits_whole_trials_and_refuses_impossible_ones(tmp_path):
     from mkd_ray.tune.runner import plan_resources
 
@@ -211,9 +232,16 @@ def test_the_default_configuration_is_the_first_trial_where_the_space_holds_it(t
     from mkd_ray.tune.runner import default_values
 
     sweep = load_sweep(REPO / "tune_spaces" / "synthetic.yaml")
-    assert default_values(sweep) == {"method.tau_t": 0.9, "method.lambda_st": 0.25}
-    outside = load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["method.tau_t=0.5"])  # searched over [0.8, 0.98]
+    assert default_values(sweep) == {"method.lambda_st": 0.25, "method.distribution_alignment": False}
+    outside = load_sweep(REPO / "tune_spaces" / "synthetic.yaml", ["method.lambda_st=0.5"])  # grid [0.25, 1.2]
     assert default_values(outside) is None
+
+
+def test_a_grid_sweep_runs_every_grid_point_num_samples_times(tmp_path):
+    space = {"method.lambda_st": {"grid": [0.25, 1.2]}, "method.distribution_alignment": {"grid": [False, True]},
+             "method.tau_t": {"uniform": [0.8, 0.95]}}
+    assert load_sweep(write_space(tmp_path, space=space, tune={"num_samples": 3})).num_trials == 12
+    assert load_sweep(write_space(tmp_path, space={"method.tau_t": {"uniform": [0.8, 0.95]}})).num_trials == 8
 
 
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig, config_from_dict
+from mkd_ray.console import Heartbeat
 from mkd_ray.data.io import voc_palette
 from mkd_ray.data.torch_data import endless_loader, eval_batches
 from mkd_ray.engine import (ProgressMeter, TrainingDiverged, build_method, configure_threads, distribute_students,
@@ -137,6 +138,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler = build_optimizer(method, cfg.train)
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
     say = _console(loop_config, rank)
+    beat = _heartbeat(loop_config, rank)
     topology = _topology(context, world, method)
     if world > 1:
         nodes = len({r["node_id"] for r in topology})
@@ -169,6 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch = to_batch(labeled_batch, unlabeled_batch, cfg, device)
         out = train_step(method, optimizer, scheduler, batch, cfg.train.amp, scaler)
         meter.add(out.metrics, batch.num_images)
+        beat()
         if not is_report_step(step, cfg):
             continue
         if not _all_finite(meter, world, device):
@@ -215,6 +218,14 @@ def _console(loop_config: dict, rank: int):
     if board is None:
         return lambda text: print(text, flush=True)
     return lambda text: board.post.remote(run, text)
+
+
+def _heartbeat(loop_config: dict, rank: int):
+    """Rank 0 tells the driver's stall watch that steps are being made, between log lines."""
+    board = loop_config.get("board")
+    if rank != 0 or board is None:
+        return lambda: None
+    return Heartbeat(lambda: board.beat.remote())
 
 
 DIVERGED = "diverged"  # the report key that carries a divergence's message to the driver

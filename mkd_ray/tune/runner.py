@@ -176,19 +176,23 @@ def _scheduler(sweep: Sweep, rungs_file: str):
             quantile_fraction=t.quantile_fraction, resample_probability=t.resample_probability, synch=t.synch,
             custom_explore_fn=functools.partial(_clip_to_space, space=sweep.space))
     return ResumableASHA(
-        rungs_file, time_attr="step", max_t=train.iters,
+        rungs_file, baseline=default_values(sweep), time_attr="step", max_t=train.iters,
         grace_period=t.grace_period or min(train.eval_interval, train.iters), reduction_factor=t.reduction_factor)
 
 
 class ResumableASHA(tune.schedulers.ASHAScheduler):
-    """ASHA whose rungs survive `--resume`. Tune restores a sweep's searcher but builds its
-    scheduler afresh, so a resumed ASHA would judge new trials only against the trials that
-    report again. The rungs (milestone -> trial -> score) are written to `rungs_file` after
-    each decision and read back on first use."""
+    """ASHA whose rungs survive `--resume`, and which never stops the baseline.
 
-    def __init__(self, rungs_file: str, **kwargs):
+    Tune restores a sweep's searcher but builds its scheduler afresh, so a resumed ASHA would
+    judge new trials only against the trials that report again. The rungs (milestone -> trial
+    -> score) are written to `rungs_file` after each decision and read back on first use.
+    The baseline (the trial whose searched values are `baseline`, the default configuration)
+    has its scores recorded at every rung, so the others are judged against it, but runs the
+    whole budget: the sweep compares its pick with the defaults at the same budget."""
+
+    def __init__(self, rungs_file: str, baseline: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
-        self.rungs_file, self._loaded = rungs_file, False
+        self.rungs_file, self.baseline, self._loaded = rungs_file, baseline, False
 
     def on_trial_add(self, tune_controller, trial):
         if not self._loaded:
@@ -200,7 +204,12 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
         self._save_rungs()
+        if action == self.STOP and self._is_baseline(trial) and result.get(self._time_attr, 0) < self._max_t:
+            return self.CONTINUE
         return action
+
+    def _is_baseline(self, trial) -> bool:
+        return self.baseline is not None and all(trial.config.get(k) == v for k, v in self.baseline.items())
 
     def on_trial_complete(self, tune_controller, trial, result):
         super().on_trial_complete(tune_controller, trial, result)
@@ -344,7 +353,7 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
                                           checkpoint_config=tune.CheckpointConfig(
                                               num_to_keep=None if sweep.tune.scheduler == "pbt" else 2)),
             )
-        print(f"sweep {name}: {sweep.tune.num_samples} trials, up to {plan.concurrency} at once, each "
+        print(f"sweep {name}: {sweep.num_trials} trials, up to {plan.concurrency} at once, each "
               f"{plan.trial.describe()} CPUs; {sweep.tune.scheduler} + {sweep.tune.search}; "
               f"MLflow parent run {parent_id}", flush=True)
         with watch:

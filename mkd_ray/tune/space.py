@@ -146,6 +146,11 @@ class Sweep:
     space: dict[str, Dimension]
     tune: TuneSettings
 
+    @property
+    def num_trials(self) -> int:
+        """How many trials the sweep runs: Tune samples the whole grid `num_samples` times."""
+        return self.tune.num_samples * math.prod(len(d.args) for d in self.space.values() if d.kind == "grid")
+
     def trial_config(self, sampled: dict[str, Any]) -> ExperimentConfig:
         return config_from_dict(self.base_tree, dict(sampled))
 
