@@ -257,6 +257,7 @@ def _print_sweep_answer(summary, sweep, name: str, experiment: str) -> None:
     """The best trial against the default configuration at the same budget, what early
     stopping saved, and where to look."""
     from mkd_ray.tracking import ui_hint
+    from mkd_ray.tune.runner import is_default
 
     table, metric = summary.table, sweep.tune.metric
     last = f"last {metric}"
@@ -264,8 +265,7 @@ def _print_sweep_answer(summary, sweep, name: str, experiment: str) -> None:
     print(f"best: trial {best['trial_id']}, {metric} {best[last]:.2f} at step {best['steps']}")
     for key in sweep.space:
         print(f"  {key}: {best[key]}")
-    defaults = [row for _, row in table.iterrows()
-                if summary.default is not None and all(row[k] == v for k, v in summary.default.items())]
+    defaults = [row for _, row in table.iterrows() if is_default(row, summary.default)]
     if defaults:
         row = defaults[0]
         budget = ("at the same budget" if row["steps"] == best["steps"]

@@ -3,9 +3,10 @@
 Training workers do not print: rank 0 posts each progress line to a `ProgressBoard` actor,
 and the driver prints them, once, with the run's label. Ray's own logs stay in its session
 files unless `--verbose` (or MKD_RAY_VERBOSE=1) asks for them on the console. The same board
-tells the driver when any run last made progress (a line, or a step: see `Heartbeat`); after `train.stall_timeout_s` without any,
-the driver interrupts itself (as Ctrl-C would, so Tune saves a resumable state and Ray Train
-aborts its workers) and raises `Stalled`, naming what waits for which resources.
+tells the driver when any run last made progress (a line, or steps: see `Heartbeat`); after
+`train.stall_timeout_s` without any, the driver interrupts itself (as Ctrl-C would, so Tune
+saves a resumable state and Ray Train aborts its workers) and raises `Stalled`, naming what
+waits for which resources.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class ProgressBoard:
         """A line for the console; `progress=False` for a warning, which is not progress."""
         self._lines.append((run, text))
         if progress:
-            self._last_progress = time.monotonic()
+            self.beat()
 
     def beat(self) -> None:
         """A training step finished: progress, with nothing to print."""

@@ -204,12 +204,10 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
         self._save_rungs()
-        if action == self.STOP and self._is_baseline(trial) and result.get(self._time_attr, 0) < self._max_t:
+        spare = self.baseline is not None and result.get(self._time_attr, 0) < self._max_t
+        if action == self.STOP and spare and is_default(trial.config, self.baseline):
             return self.CONTINUE
         return action
-
-    def _is_baseline(self, trial) -> bool:
-        return self.baseline is not None and all(trial.config.get(k) == v for k, v in self.baseline.items())
 
     def on_trial_complete(self, tune_controller, trial, result):
         super().on_trial_complete(tune_controller, trial, result)
@@ -396,7 +394,7 @@ class SweepStatus(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         values = {k: trial.config.get(k) for k in self.keys}
-        note = " (the default configuration)" if self.default and values == self.default else ""
+        note = " (the default configuration)" if is_default(values, self.default) else ""
         self.say(f"[{_short(trial.trial_id)}] started{note}: " + "  ".join(
             f"{k.split('.')[-1]}={_fmt(v)}" for k, v in values.items()))
 
@@ -433,6 +431,11 @@ def default_values(sweep: Sweep) -> Optional[dict]:
     flat = sweep.base.flat()
     values = {key: flat[key] for key in sweep.space}
     return values if all(dim.contains(values[key]) for key, dim in sweep.space.items()) else None
+
+
+def is_default(values, default: Optional[dict]) -> bool:
+    """Whether a trial's values (its config, or a results-table row) are the default ones."""
+    return default is not None and all(values.get(key) == value for key, value in default.items())
 
 
 def _trial_table(grid, sweep: Sweep, client: MlflowClient, experiment: str, name: str,
