@@ -240,8 +240,11 @@ def test_the_default_configuration_is_the_first_trial_where_the_space_holds_it(t
 def test_a_grid_sweep_runs_every_grid_point_num_samples_times(tmp_path):
     space = {"method.lambda_st": {"grid": [0.25, 1.2]}, "method.distribution_alignment": {"grid": [False, True]},
              "method.tau_t": {"uniform": [0.8, 0.95]}}
-    assert load_sweep(write_space(tmp_path, space=space, tune={"num_samples": 3})).num_trials == 12
-    assert load_sweep(write_space(tmp_path, space={"method.tau_t": {"uniform": [0.8, 0.95]}})).num_trials == 8
+    mixed = load_sweep(write_space(tmp_path, space=space, tune={"num_samples": 3}))
+    assert (mixed.num_trials, mixed.search_label) == (12, "grid + random")
+    sampled = load_sweep(write_space(tmp_path, space={"method.tau_t": {"uniform": [0.8, 0.95]}}))
+    assert (sampled.num_trials, sampled.search_label) == (8, "random")
+    assert load_sweep(REPO / "tune_spaces" / "synthetic.yaml").search_label == "grid"
 
 
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):

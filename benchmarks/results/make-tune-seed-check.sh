@@ -3,7 +3,7 @@
 # at given training seeds, with the sweep's settings (6000 steps, source backbone, warm-up 1500),
 # `train --local`, two runs at a time, one console log per run in OUT.
 #   usage: make-tune-seed-check.sh OUT "<the pick's --set overrides>" RUN [RUN ...]
-#   RUN: pick-s<seed>, default-s<seed> or supervised-s<seed>; runs go two at a time, in order.
+#   RUN: pick-s<seed>, default-s<seed> or supervised-s<seed>; in order, two at a time.
 # 2026-12-07: make-tune-2026-12-07/seeds "--set method.lambda_st=1.3647 --set method.tau_t=0.8486"
 #   pick-s1 default-s1 pick-s2 default-s2; make-tune-grid-2026-12-07/seeds: see the README.
 cd "$(dirname "$0")/../.."
@@ -19,7 +19,8 @@ run() {
         --name "$name" --storage "$STORE" > "$OUT/$name.log" 2>&1
     echo "$name $(grep 'final val' "$OUT/$name.log")"
 }
-while [ $# -gt 0 ]; do
-    run "$1" & [ $# -gt 1 ] && run "$2" &
-    wait; shift 2 2>/dev/null || shift
+for name in "$@"; do  # two at a time: the next starts when either finishes
+    [ "$(jobs -rp | wc -l)" -ge 2 ] && wait -n
+    run "$name" &
 done
+wait

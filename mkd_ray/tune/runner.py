@@ -352,7 +352,7 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
                                               num_to_keep=None if sweep.tune.scheduler == "pbt" else 2)),
             )
         print(f"sweep {name}: {sweep.num_trials} trials, up to {plan.concurrency} at once, each "
-              f"{plan.trial.describe()} CPUs; {sweep.tune.scheduler} + {sweep.tune.search}; "
+              f"{plan.trial.describe()} CPUs; {sweep.tune.scheduler} + {sweep.search_label}; "
               f"MLflow parent run {parent_id}", flush=True)
         with watch:
             grid = tuner.fit()
