@@ -241,7 +241,7 @@ def _search(sweep: Sweep, concurrency: int):
     first trial is the default configuration, where that lies in the space."""
     t = sweep.tune
     default = default_values(sweep)
-    first = [default] if default and not any(dim.kind == "grid" for dim in sweep.space.values()) else None
+    first = [default] if default and not sweep.grids else None
     if t.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch

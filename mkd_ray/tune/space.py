@@ -147,17 +147,21 @@ class Sweep:
     tune: TuneSettings
 
     @property
+    def grids(self) -> list[Dimension]:
+        """The dimensions Tune walks point by point rather than samples."""
+        return [d for d in self.space.values() if d.kind == "grid"]
+
+    @property
     def num_trials(self) -> int:
         """How many trials the sweep runs: Tune samples the whole grid `num_samples` times."""
-        return self.tune.num_samples * math.prod(len(d.args) for d in self.space.values() if d.kind == "grid")
+        return self.tune.num_samples * math.prod(len(d.args) for d in self.grids)
 
     @property
     def search_label(self) -> str:
         """How trials are chosen, for the console: Tune's random generator walks a grid in order."""
-        is_grid = [d.kind == "grid" for d in self.space.values()]
-        if is_grid and all(is_grid):
+        if len(self.grids) == len(self.space):
             return "grid"
-        return f"grid + {self.tune.search}" if any(is_grid) else self.tune.search
+        return f"grid + {self.tune.search}" if self.grids else self.tune.search
 
     def trial_config(self, sampled: dict[str, Any]) -> ExperimentConfig:
         return config_from_dict(self.base_tree, dict(sampled))
