@@ -49,8 +49,14 @@ def quiet_ray() -> None:
     if verbose():
         return
     warnings.filterwarnings("ignore", message=r".*exclude_resources. is deprecated")
-    # A local cluster turns token authentication on by default and says so at every start.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Under PBT, Tune suggests reusing trial actors, which cannot apply: each trial owns a
+    # trainer of its own.
+    warnings.filterwarnings("ignore", message=r"Consider boosting PBT performance")
+    # A local cluster turns token authentication on by default and says so at every start;
+    # Tune's result files warn when a trial that PBT restores had not written one yet (the
+    # results are in MLflow; Tune's errors still show).
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.tune.logger.logger"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Stalled(RuntimeError):

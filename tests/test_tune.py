@@ -484,10 +484,12 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(resumed_a
 
 @pytest.mark.ray
 def test_pbt_sweep_copies_good_trials_into_poor_ones_and_finishes_every_trial(tmp_path, tiny_overrides, sweep_env):
-    # A good and a hopeless learning rate run side by side; at each evaluation PBT hands the
-    # poor trial (the bottom half of two) the good one's checkpoint and a perturbed learning rate.
-    # Synchronous, so a busy machine that starts one trial late cannot let the other finish unseen.
-    space = write_space(tmp_path, set=TINY_TRIAL,
+    # A good and a hopeless learning rate run side by side; at the step-4 evaluation PBT hands
+    # the poor trial (the bottom half of two) the good one's checkpoint and a perturbed learning
+    # rate. Synchronous, so a busy machine that starts one trial late cannot let the other
+    # finish unseen; and each trial waits at the checkpoint for the decision, so neither can
+    # finish its 8 steps before it.
+    space = write_space(tmp_path, set={**TINY_TRIAL, "train.iters": 8},
                         space={"train.lr": {"grid": [0.005, 1.0e-6]}},
                         tune={"scheduler": "pbt", "num_samples": 1, "max_concurrent_trials": 2, "quantile_fraction": 0.5,
                               "synch": True})
@@ -495,13 +497,17 @@ def test_pbt_sweep_copies_good_trials_into_poor_ones_and_finishes_every_trial(tm
     client = MlflowClient()
     children = _children(summary["parent_run_id"])
     assert len(children) == 2
-    assert {c.data.tags["mkd_ray.outcome"] for c in children} == {"completed"}  # every trial reached step 12
+    assert {c.data.tags["mkd_ray.outcome"] for c in children} == {"completed"}  # every trial reached step 8
+    assert summary["stderr"] == ""  # none of Tune's or Ray's own notices
     copied = []
     for child in children:
         assert child.info.status == "FINISHED"
         assert client.get_metric_history(child.info.run_id, "val/miou")
         schedule = client.get_metric_history(child.info.run_id, "pbt/train.lr")
         assert schedule[0].step == 0 and len(schedule) >= 1
+        assert all(m.step < 8 for m in schedule)  # no trial was restarted at its last step
+        # Paused at step 4 before training on: no step was trained (and evaluated) twice.
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/miou")) == [4, 8]
         copied += [m for m in client.get_metric_history(child.info.run_id, "pbt/copied_from_other_trial") if m.value == 1]
     assert copied and all(m.step > 0 for m in copied), "PBT never handed a trial another trial's checkpoint"
     # Under PBT the best configuration is the best trial's last point of its schedule.

@@ -8,6 +8,7 @@ students by EMA on every rank identically. Only rank 0 writes checkpoints.
 from __future__ import annotations
 
 import json
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -139,6 +140,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler() if cfg.train.amp == "fp16" else None
     say = _console(loop_config, rank)
     beat = _heartbeat(loop_config, rank)
+    gate = loop_config.get("decision_gate")
     topology = _topology(context, world, method)
     if world > 1:
         nodes = len({r["node_id"] for r in topology})
@@ -205,6 +207,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         if cfg.train.checkpoint_due(step):
             _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank, step)
+            if gate is not None and step < cfg.train.iters:
+                _wait_for_decision(gate, cfg, step)
         else:
             ray.train.report(metrics)
 
@@ -245,6 +249,18 @@ def _sum_over_ranks(value: float, world: int, device) -> float:
     total = torch.tensor(float(value), device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(total)
     return total.item()
+
+
+def _wait_for_decision(gate, cfg: ExperimentConfig, step: int) -> None:
+    """Under PBT, train on from a checkpointed evaluation only once Tune has let the trial go
+    on: a trial that Tune pauses, or hands another trial's weights, would otherwise train
+    steps that its restart from this checkpoint throws away (and a short run could finish
+    before the decision). Each rank takes one of the tokens the trial puts in `gate`."""
+    try:
+        gate.get(timeout=cfg.train.stall_timeout_s or None)
+    except queue.Empty:
+        raise TimeoutError(f"step {step}: the training workers waited {cfg.train.stall_timeout_s:g} s "
+                           "(train.stall_timeout_s) for Tune's decision on this evaluation") from None
 
 
 def _report_with_checkpoint(metrics, cfg, method, optimizer, scheduler, rank: int, step: int) -> None:

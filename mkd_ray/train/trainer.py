@@ -109,12 +109,14 @@ class RunPlacement:
 def build_trainer(
     cfg: ExperimentConfig, data: ExperimentData, name: str, storage_path: str, placement: RunPlacement,
     mlflow_run: Optional[dict] = None, max_failures: int = 2, callbacks: tuple = (),
-    initial_checkpoint: Optional[ray.train.Checkpoint] = None,
+    initial_checkpoint: Optional[ray.train.Checkpoint] = None, decision_gate=None,
 ) -> TorchTrainer:
     """Wire the datasets, scaling and run config (Ray must be connected: datasets are built here).
 
     `initial_checkpoint` starts a new run from another run's state (PBT hands trials each
     other's weights); a run's own checkpoints, once it has any, take precedence, as Ray's do.
+    With a `decision_gate` (a Ray Queue), the workers wait after each checkpointed report
+    until the caller puts one token per worker in it (PBT's decisions: see the loop).
     """
     storage_path = storage.resolve(storage_path)  # a shared filesystem path or an object-store URI
     initial_step = checkpoint_step(initial_checkpoint) if initial_checkpoint is not None else 0
@@ -129,7 +131,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "mlflow": mlflow_run,
                            "initial_checkpoint": initial_checkpoint, "board": placement.board,
-                           "run_label": placement.label},
+                           "run_label": placement.label, "decision_gate": decision_gate},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

@@ -121,9 +121,10 @@ def _train_for_pbt(cfg: ExperimentConfig, data: ExperimentData, sampled: dict, t
     copied = start is not None and Path(start.path).parent.name != own_dir
     values = {f"pbt/{k}": v for k, v in sampled.items() if isinstance(v, (int, float))}
     tracking.RunLogger(**mlflow_run).metrics({**values, "pbt/copied_from_other_trial": float(copied)}, step)
-    reports = Queue(actor_options={"num_cpus": 0})
+    reports, gate = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, data, f"{trial_id}-{uuid.uuid4().hex[:8]}", storage, placement, mlflow_run,
-                            callbacks=[CheckpointsToTune(metric, reports)], initial_checkpoint=start)
+                            callbacks=[CheckpointsToTune(metric, reports)], initial_checkpoint=start,
+                            decision_gate=gate)
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -137,7 +138,10 @@ def _train_for_pbt(cfg: ExperimentConfig, data: ExperimentData, sampled: dict, t
     threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
     while (item := reports.get()) is not None:
         metrics, saved = item
+        # Returns once Tune lets the trial go on (a trial it pauses ends here): the workers
+        # waiting at this checkpoint may then train on.
         tune.report(metrics, checkpoint=tune.Checkpoint(saved.path, filesystem=saved.filesystem))
+        gate.put_nowait_batch([True] * cfg.scaling.num_workers)
     if failure:
         raise failure[0]
 
@@ -170,14 +174,28 @@ def _scheduler(sweep: Sweep, rungs_file: str):
     if t.scheduler == "fifo":
         return tune.schedulers.FIFOScheduler()
     if t.scheduler == "pbt":
-        return tune.schedulers.PopulationBasedTraining(
-            time_attr="step", perturbation_interval=pbt_interval(sweep),
+        return BudgetAwarePBT(
+            train.iters, time_attr="step", perturbation_interval=pbt_interval(sweep),
             hyperparam_mutations={key: dim.mutation() for key, dim in sweep.space.items()},
             quantile_fraction=t.quantile_fraction, resample_probability=t.resample_probability, synch=t.synch,
             custom_explore_fn=functools.partial(_clip_to_space, space=sweep.space))
     return ResumableASHA(
         rungs_file, baseline=default_values(sweep), time_attr="step", max_t=train.iters,
         grace_period=t.grace_period or min(train.eval_interval, train.iters), reduction_factor=t.reduction_factor)
+
+
+class BudgetAwarePBT(tune.schedulers.PopulationBasedTraining):
+    """PBT that leaves a trial alone at its last step (`max_t`): pausing it there, or copying
+    another trial's weights into it, would only restart a run with no step left to train."""
+
+    def __init__(self, max_t: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_t = max_t
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get(self._time_attr, 0) >= self.max_t:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 class ResumableASHA(tune.schedulers.ASHAScheduler):
