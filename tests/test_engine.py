@@ -33,7 +33,9 @@ def majority_class_miou(cfg) -> float:
 def test_mkd_loss_decreases_and_miou_beats_chance(tiny_overrides):
     # The pipeline's own model (not the test-sized one), every image labeled, a short ramp.
     data_only = [o for o in tiny_overrides if not o.startswith("model.")]
-    result = _run(data_only + ["train.log_interval=50", "data.split=all", "method.rampup_iters=400"], "mkd", 800)
+    # 400 steps (measured 2026-12-07: supervised loss x0.68, 24.3 mIoU against chance 14.5,
+    # best foreground class 24.6; 81 s where 800 steps took 153 s).
+    result = _run(data_only + ["train.log_interval=50", "data.split=all", "method.rampup_iters=200"], "mkd", 400)
     sup = [h["loss_sup"] for h in result["history"]]
     assert sup[-1] < 0.8 * sup[0], sup  # ISDA widens the margins as training goes on
     # Chance is the majority-class predictor (all background, every foreground IoU 0):
