@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 from mkd_ray.checkpoint import CheckpointError
-from mkd_ray.console import VERBOSE_ENV, Stalled, quiet_libraries
+from mkd_ray.console import VERBOSE_ENV, Stalled, TrainingDiverged, quiet_libraries
 from mkd_ray.config import ConfigError, SynthConfig, load_config
 from mkd_ray.data.io import DatasetError
-from mkd_ray.engine import TrainingDiverged
 from mkd_ray.jobs import JobsError
 from mkd_ray.models.pretrain import SourceTask
 from mkd_ray.storage import StorageError

@@ -197,6 +197,11 @@ class MethodConfig:
     # Supervised-only warm-up: no distillation before this step; the ramp-up starts here.
     warmup_iters: int = field(default=0, metadata=_range(0))
 
+    @property
+    def uses_unlabeled(self) -> bool:
+        """Whether the method reads unlabeled images at all (the supervised baseline never does)."""
+        return self.name != "supervised"
+
     def reads_unlabeled(self, step: int) -> bool:
         """Whether training step `step` (1-based) reads unlabeled images: no warm-up step does."""
         return step > self.warmup_iters

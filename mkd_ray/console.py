@@ -6,7 +6,8 @@ files unless `--verbose` (or MKD_RAY_VERBOSE=1) asks for them on the console. Th
 tells the driver when any run last made progress (a line, or steps: see `Heartbeat`); after
 `train.stall_timeout_s` without any, the driver interrupts itself (as Ctrl-C would, so Tune
 saves a resumable state and Ray Train aborts its workers) and raises `Stalled`, naming what
-waits for which resources.
+waits for which resources. Both errors that stop a run early live here: `Stalled` and
+`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def quiet_ray() -> None:
 
 class Stalled(RuntimeError):
     """No run made progress for the stall timeout; the message says what waits for what."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops rather than checkpoint non-finite weights."""
+
+    @classmethod
+    def at(cls, step: int, lr: float) -> "TrainingDiverged":
+        return cls(f"training diverged: the loss is not finite by step {step} (learning rate {lr:g}); "
+                   "the run stopped without saving non-finite weights (lower train.lr, or check the data)")
 
 
 class ProgressBoard:

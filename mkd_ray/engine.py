@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig
+from mkd_ray.console import TrainingDiverged
 from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
 from mkd_ray.data.torch_data import eval_batches, training_streams
 from mkd_ray.data.io import mask_png
@@ -140,15 +141,6 @@ def run_evaluation(method: MutualKD, cfg: ExperimentConfig, batches, device, on_
 # Step metrics a step may leave undefined (nan): accuracy of the kept pseudo-labels when the
 # threshold kept no pixel.
 _UNDEFINED_SOME_STEPS = ("pseudo_acc", "pseudo_acc_kept")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops rather than checkpoint non-finite weights."""
-
-    @classmethod
-    def at(cls, step: int, lr: float) -> "TrainingDiverged":
-        return cls(f"training diverged: the loss is not finite by step {step} (learning rate {lr:g}); "
-                   "the run stopped without saving non-finite weights (lower train.lr, or check the data)")
 
 
 @dataclass

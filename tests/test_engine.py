@@ -71,7 +71,7 @@ def test_a_local_run_leaves_the_callers_torch_threads_as_they_were(tiny_override
 
 
 def test_diverging_run_stops_before_checkpointing_non_finite_weights(tiny_overrides, tmp_path):
-    from mkd_ray.engine import TrainingDiverged
+    from mkd_ray.console import TrainingDiverged
 
     cfg = load_config(REPO / "pipelines" / "synthetic.yaml", tiny_overrides + [
         "train.optimizer=sgd", "train.lr=1.0e+12", "train.iters=8", "train.log_interval=4", "train.checkpoint_interval=4"])

@@ -16,7 +16,7 @@ import ray
 
 from mkd_ray.config import ExperimentConfig, config_from_dict
 from mkd_ray.data.io import SampleRef
-from mkd_ray.data.torch_data import TrainSet, draw_key, unlabeled_seed
+from mkd_ray.data.draws import draw_key, unlabeled_seed
 
 VIEW_COLUMNS = ("weak", "strong", "ignore", "cutmix", "warp", "mask", "skipped")
 RANGES_PER_BLOCK = 16
@@ -33,6 +33,8 @@ class _ViewMaker:
     def __init__(self, refs: list[SampleRef], config: dict, seed: int, board=None, run_label: str = ""):
         # A skipped image is the user's business: it goes to the console through the run's board.
         warn = (lambda text: board.post.remote(run_label, text, progress=False)) if board is not None else None
+        from mkd_ray.data.torch_data import TrainSet  # here, not above: the controller that builds the pipeline needs no torch
+
         self.dataset = TrainSet(refs, config_from_dict(config), labeled=False, warn=warn)
         self.size, self.seed = len(refs), seed
 
@@ -45,6 +47,11 @@ class _ViewMaker:
         out["cutmix"] = out["cutmix"].astype(np.uint8)
         out["draw"] = draws
         return out
+
+
+def draws_per_step(cfg: ExperimentConfig) -> int:
+    """Unlabeled draws the whole worker group consumes per step."""
+    return max(cfg.scaling.num_workers, 1) * cfg.data.unlabeled_batch_size
 
 
 def unlabeled_dataset(cfg: ExperimentConfig, refs: list[SampleRef], start_draw: int, num_draws: int,

@@ -96,7 +96,7 @@ def resolve_data(cfg: ExperimentConfig, log=print) -> ExperimentData:
         )
     unlabeled_at = storage.join(split, "unlabeled.txt")
     unlabeled = read(unlabeled_at, need_masks=False) if exists(unlabeled_at) else []
-    if not unlabeled and cfg.method.name != "supervised":
+    if not unlabeled and cfg.method.uses_unlabeled:
         raise DatasetError(f"{unlabeled_at} is missing or empty; method {cfg.method.name!r} needs unlabeled images")
     unmasked = [ref.image for ref in unlabeled if ref.mask is None] if cfg.method.name == "oracle" else []
     if unmasked:

@@ -6,7 +6,6 @@ Samplers yield (epoch, index) keys, and each sample's randomness is derived from
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable, Iterator, Optional
 
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mkd_ray.config import ExperimentConfig
 from mkd_ray.data.augment import labeled_views, sample_rng, unlabeled_views
+from mkd_ray.data.draws import draw_key, labeled_seed, unlabeled_seed
 from mkd_ray.data.io import DatasetError, SampleRef, read_image, read_mask
 
 _log = logging.getLogger(__name__)
@@ -36,25 +36,6 @@ class EndlessSampler(Sampler):
         while True:
             yield draw_key(draw, self.size, self.seed)
             draw += 1
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(size)
-
-
-def draw_key(draw: int, size: int, seed: int) -> tuple[int, int]:
-    """The `draw`-th sample of a seeded endless shuffle: (epoch, index into the list)."""
-    epoch, position = divmod(int(draw), size)
-    return epoch, int(_epoch_order(seed, epoch, size)[position])
-
-
-def unlabeled_seed(cfg: ExperimentConfig, rank: int = 0) -> int:
-    return (cfg.train.seed * 2 + 1) * 1000 + rank
-
-
-def labeled_seed(cfg: ExperimentConfig, rank: int = 0) -> int:
-    return cfg.train.seed * 2 * 1000 + rank
 
 
 class TrainSet(Dataset):

@@ -158,8 +158,7 @@ class MutualKD(nn.Module):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._student_calls: list[nn.Module] = list(self.students)
         self.branches = BranchRunner()  # one after the other until `branches.parallel(...)`
-        # The supervised baseline never looks at unlabeled images.
-        self.uses_unlabeled = cfg.name != "supervised"
+        self.uses_unlabeled = cfg.uses_unlabeled
 
     # ------------------------------------------------------------------ plumbing
 

@@ -11,6 +11,7 @@ import json
 import queue
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +23,16 @@ import torch.distributed as dist
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray.config import ExperimentConfig, config_from_dict
-from mkd_ray.console import Heartbeat
+from mkd_ray.console import Heartbeat, TrainingDiverged
 from mkd_ray.data.io import voc_palette
+from mkd_ray.data.ray_data import draws_per_step
 from mkd_ray.data.torch_data import endless_loader, eval_batches
-from mkd_ray.engine import (ProgressMeter, TrainingDiverged, build_method, configure_threads, distribute_students,
+from mkd_ray.engine import (ProgressMeter, build_method, configure_threads, distribute_students,
                             is_report_step, run_evaluation, to_batch)
 from mkd_ray.method import build_optimizer, train_step
 from mkd_ray.metrics import MeanIoU
 from mkd_ray.tracking import RunLogger, iou_table, overlay_grid
-
-
-def draws_per_step(cfg: ExperimentConfig) -> int:
-    """Unlabeled draws the whole worker group consumes per step."""
-    return max(cfg.scaling.num_workers, 1) * cfg.data.unlabeled_batch_size
+from mkd_ray.train.callbacks import DIVERGED
 
 
 def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int):
@@ -54,6 +52,27 @@ def _unlabeled_batches(cfg: ExperimentConfig, seen_draws: set, first_draw: int):
 
 
 _MAX_TRACKED_DRAWS = 100_000
+
+
+def _started(batches):
+    """`batches`, its first item already being fetched in a thread: the stream's start (Ray
+    Data's coordinator and actors, seconds of process start-up) overlaps the caller's own."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="unlabeled-start")
+    first = pool.submit(next, batches, None)
+    pool.shutdown(wait=False)
+
+    def resumed():
+        head = first.result()
+        if head is not None:
+            yield head
+            yield from batches
+
+    return resumed()
+
+
+def _load_checkpoint(checkpoint: ray.train.Checkpoint) -> dict:
+    with checkpoint.as_directory() as directory:
+        return ckpt.load_state(directory)
 
 
 def _consistency_metrics(method, seen_draws: set, world: int) -> dict[str, float]:
@@ -125,6 +144,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
+    state = _load_checkpoint(checkpoint) if checkpoint is not None else None
+    start_step = int(state["step"]) if state is not None else 0
+    seen_draws: set = set()
+    first_draw = cfg.method.unlabeled_from(start_step) * draws_per_step(cfg)
+    # Opened first: its first batch waits for Ray Data's actors to start (seconds), meanwhile
+    # this worker builds its model.
+    unlabeled = _started(_unlabeled_batches(cfg, seen_draws, first_draw)) if cfg.method.uses_unlabeled else None
     mlflow_run = loop_config.get("mlflow")
     logger = RunLogger(mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run and rank == 0 else None
     torch.manual_seed(cfg.train.seed)
@@ -149,17 +176,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger:
         logger.text(json.dumps(topology, indent=2), "topology.json")
 
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start_step = ckpt.restore(ckpt.load_state(directory), method, optimizer, scheduler, cfg.train)
+    if state is not None:
+        ckpt.restore(state, method, optimizer, scheduler, cfg.train)
 
     labeled = iter(endless_loader(data.labeled, cfg, True, cfg.data.labeled_batch_size, workers=cfg.data.labeled_workers,
                                   start_step=start_step, rank=rank))
-    seen_draws: set = set()
-    first_draw = cfg.method.unlabeled_from(start_step) * draws_per_step(cfg)
-    unlabeled = _unlabeled_batches(cfg, seen_draws, first_draw) if method.uses_unlabeled else None
     meter = ProgressMeter(cfg.train.iters, start_step, ranks=world)
     data_wait = 0.0
 
@@ -230,9 +251,6 @@ def _heartbeat(loop_config: dict, rank: int):
     if rank != 0 or board is None:
         return lambda: None
     return Heartbeat(lambda: board.beat.remote())
-
-
-DIVERGED = "diverged"  # the report key that carries a divergence's message to the driver
 
 
 def _all_finite(meter: ProgressMeter, world: int, device) -> bool:

@@ -68,7 +68,7 @@ def plan_run(cfg: ExperimentConfig, cluster: dict, driver_cpus: float = 0.0) -> 
                           "(set scaling.num_workers to at most the GPUs, or scaling.use_gpu=false)")
     without_data = driver_cpus + workers * s.cpus_per_worker
     actors = 0
-    if cfg.method.name != "supervised":
+    if cfg.method.uses_unlabeled:
         # One augmenting actor per worker, as far as the CPUs left by the workers go.
         actors = min(workers, math.floor((cpus - without_data) / s.data_cpus + _EPS))
         if actors < 1:

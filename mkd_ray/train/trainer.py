@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,21 +11,18 @@ import ray
 import ray.train
 from ray._private import services  # Ray's own cluster lookup (ray.init uses the same)
 from ray.train.torch import TorchTrainer
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from mkd_ray import checkpoint as ckpt
 from mkd_ray import console, storage, tracking
 from mkd_ray.train.resources import RunResources, plan_run
 from mkd_ray.config import ExperimentConfig, with_absolute_paths
-from mkd_ray.data.ray_data import unlabeled_dataset
 from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
-from mkd_ray.engine import TrainingDiverged, default_run_name, evaluate_checkpoint
+from mkd_ray.console import TrainingDiverged
+from mkd_ray.engine import default_run_name, evaluate_checkpoint
 from mkd_ray.models.pretrain import with_source_backbone
-from mkd_ray.train.loop import DIVERGED, draws_per_step, train_loop_per_worker
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
-
+from mkd_ray.train.callbacks import DivergenceWatch, RunPlacement, latest_step, unlabeled_from_latest_checkpoint
+from mkd_ray.train.loop import train_loop_per_worker
 
 # A sweep on a small machine starts a dozen processes at once by design (fractional CPUs: a
 # trial's driver, controller, worker, data actor and helpers); the raylet otherwise expects
@@ -61,29 +55,6 @@ def connect(address: Optional[str] = None) -> None:
         ray.init(dashboard_host="127.0.0.1", _system_config=_LOCAL_SYSTEM_CONFIG, **quiet)
 
 
-def latest_step(run_dir: str) -> int:
-    """The step of the checkpoint Ray Train will restore for this run (0 if none), read from
-    the checkpoint manager's snapshot: the same record `ray.train.get_checkpoint()` uses, so
-    the unlabeled stream and the restored weights agree, also after a worker-group restart.
-    `run_dir` is a local path or a URI (a cluster's shared storage)."""
-    snapshot = storage.join(run_dir, _SNAPSHOT)
-    if not storage.exists(snapshot):
-        return 0
-    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
-    match = _STEP_DIR.match(latest.get("checkpoint_dir_name", ""))
-    return int(match.group(1)) if match else 0
-
-
-class DivergenceWatch(ray.train.UserCallback):
-    """Ends the run when the workers report a non-finite loss. Raising here, in Ray Train's
-    controller, fails the run without a retry: restarting from the last checkpoint would
-    only diverge again."""
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if DIVERGED in metrics[0]:
-            raise TrainingDiverged(metrics[0][DIVERGED])
-
-
 def fit_trainer(trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()`, raising TrainingDiverged itself (not Ray's wrapper) when the loss diverged."""
     try:
@@ -93,17 +64,6 @@ def fit_trainer(trainer: TorchTrainer) -> ray.train.Result:
         if isinstance(cause, TrainingDiverged):
             raise TrainingDiverged(str(cause)) from None
         raise
-
-
-@dataclass
-class RunPlacement:
-    """Where a run's pieces go: its resources, the placement group reserved for its data
-    actors (see mkd_ray.train.resources), and the board its progress lines go to."""
-
-    resources: RunResources
-    placement_group: Optional[PlacementGroup] = None
-    board: Optional[ray.actor.ActorHandle] = None
-    label: str = ""
 
 
 def build_trainer(
@@ -121,11 +81,9 @@ def build_trainer(
     storage_path = storage.resolve(storage_path)  # a shared filesystem path or an object-store URI
     initial_step = checkpoint_step(initial_checkpoint) if initial_checkpoint is not None else 0
     datasets = {}
-    if data.unlabeled and cfg.method.name != "supervised":
-        # A factory: Ray Train calls it each time the worker group starts, so a group restarted
-        # after a failure streams from its checkpoint's draw, not from the run's beginning.
+    if data.unlabeled and cfg.method.uses_unlabeled:
         datasets["unlabeled"] = functools.partial(
-            _unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step,
+            unlabeled_from_latest_checkpoint, cfg, data.unlabeled, storage.join(storage_path, name), initial_step,
             placement)
     return TorchTrainer(
         train_loop_per_worker,
@@ -146,22 +104,21 @@ def build_trainer(
             callbacks=[DivergenceWatch(), *callbacks],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=_ordered_ingest()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=_split_between_workers(cfg, datasets),
+                                            execution_options=_ordered_ingest()),
     )
+
+
+def _split_between_workers(cfg: ExperimentConfig, datasets: dict) -> list[str]:
+    """The streams each worker takes a shard of. A lone worker reads its stream whole: a
+    split would only add a coordinator actor, whose start (a process importing Ray Data)
+    delayed the first batch of every one-worker run by seconds."""
+    return list(datasets) if cfg.scaling.num_workers > 1 else []
 
 
 def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
     with checkpoint.as_directory() as directory:
         return int(ckpt.load_state(directory, mmap=True)["step"])
-
-
-def _unlabeled_from_latest_checkpoint(cfg: ExperimentConfig, refs, run_dir: str, initial_step: int,
-                                      placement: RunPlacement):
-    start = cfg.method.unlabeled_from(latest_step(run_dir) or initial_step)
-    per_step = draws_per_step(cfg)
-    return unlabeled_dataset(cfg, refs, start_draw=start * per_step, num_draws=max(cfg.train.iters - start, 1) * per_step,
-                             actors=placement.resources.data_actors, placement_group=placement.placement_group,
-                             board=placement.board, run_label=placement.label)
 
 
 def _ordered_ingest():

@@ -25,8 +25,6 @@ import yaml
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.train import UserCallback
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
 from mkd_ray import storage as storage_paths
@@ -36,7 +34,8 @@ from mkd_ray.data.sources import ExperimentData, checked_data, ensure_synthetic
 from mkd_ray.console import Console, Stalled, new_board, verbose
 from mkd_ray.models.pretrain import with_source_backbone
 from mkd_ray.train.resources import RunResources, plan_run, runs_that_fit
-from mkd_ray.train.trainer import RunPlacement, build_trainer, checkpoint_step, connect, fit_trainer
+from mkd_ray.train.callbacks import CheckpointsToTune, EvaluationsToTune, RunPlacement
+from mkd_ray.train.trainer import build_trainer, checkpoint_step, connect, fit_trainer
 from mkd_ray.tune.space import Sweep
 
 ROLE_TAG = "mkd_ray.role"  # "sweep" on the parent run, "trial" on each child
@@ -44,31 +43,6 @@ SWEEP_TAG = "mkd_ray.sweep"
 TRIAL_TAG = "mkd_ray.trial_id"
 SEARCHED_TAG = "mkd_ray.searched"  # comma-separated searched keys, on the parent
 STOPPED_EARLY_TAG = "mkd_ray.stopped_early"
-
-
-class EvaluationsToTune(TuneReportCallback):
-    """Forward to Tune only the reports that carry the sweep's metric (the evaluations)."""
-
-    def __init__(self, metric: str):
-        super().__init__()
-        self.metric = metric
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if self.metric in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
-
-
-class CheckpointsToTune(UserCallback):
-    """PBT's channel: each evaluation that comes with a checkpoint goes to the trial function,
-    which reports both to Tune (TuneReportCallback carries metrics only, and PBT needs the
-    checkpoint to copy a good trial into a poor one)."""
-
-    def __init__(self, metric: str, reports: Queue):
-        self.metric, self.reports = metric, reports
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is not None and self.metric in metrics[0]:
-            self.reports.put((metrics[0], checkpoint))
 
 
 def run_trial(sampled: dict, base: dict, base_data: ExperimentData, sweep_name: str, metric: str,
