@@ -10,8 +10,10 @@ job's share is the upload of the project, the job driver's start and its connect
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from _common import REPO, emit, harness_parser, median, sets
@@ -25,12 +27,14 @@ SHORT = ["train.iters=2", "train.log_interval=1", "train.eval_interval=2", "trai
 def seconds_to_first_step(command: list[str], env: dict) -> float:
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first = None
+    first, output = None, []
     for line in proc.stdout:
+        output.append(line)
         if first is None and "step 1/" in line:
             first = time.perf_counter() - started
     if proc.wait() != 0 or first is None:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {proc.returncode}) or logged no step")
+        tail = "".join(output[-40:])
+        raise RuntimeError(f"{' '.join(command)} failed (exit {proc.returncode}) or logged no step; its output ended:\n{tail}")
     return first
 
 
@@ -39,9 +43,12 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 1 if args.smoke else args.repeats
     direct, submitted = [], []
-    with local_cluster(nodes=1, cpus_per_node=2) as cluster:
-        env = {**cluster.env, "MLFLOW_TRACKING_URI": "sqlite:////tmp/mkd-submit-overhead.db"}
-        train = ["train", *sets(SHORT), "--storage", "/tmp/mkd-submit-overhead-runs"]
+    # Its own store and run folder (a fixed path in /tmp outlived the MLflow that wrote it),
+    # unless the caller names a store, as the smoke run does.
+    with local_cluster(nodes=1, cpus_per_node=2) as cluster, tempfile.TemporaryDirectory() as tmp:
+        store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp}/mlflow.db"
+        env = {**cluster.env, "MLFLOW_TRACKING_URI": store}
+        train = ["train", *sets(SHORT), "--storage", f"{tmp}/runs"]
         for _ in range(repeats):
             direct.append(seconds_to_first_step([sys.executable, "run.py", *train, "--address", cluster.gcs], env))
             submitted.append(seconds_to_first_step(

@@ -16,6 +16,7 @@ from mkd_ray.data.io import DatasetError
 from mkd_ray.jobs import JobsError
 from mkd_ray.models.pretrain import SourceTask
 from mkd_ray.storage import StorageError
+from mkd_ray.tracking import TrackingError
 
 DEFAULT_PIPELINE = "pipelines/synthetic.yaml"
 DEFAULT_SPACE = "tune_spaces/synthetic.yaml"
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, StorageError, JobsError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (TrainingDiverged, Stalled) as exc:

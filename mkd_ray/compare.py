@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mkd_ray.config import ConfigError
-from mkd_ray.tracking import RUN_NAME_TAG, tracking_uri
+from mkd_ray.tracking import RUN_NAME_TAG, store_client, tracking_uri
 
 ROLE, SEARCHED, PARENT = "tags.mkd_ray.role", "tags.mkd_ray.searched", "tags.mlflow.parentRunId"
 # Params that differ between runs without being hyperparameters.
@@ -41,7 +41,7 @@ class Comparison:
 
 def compare(experiments: list[str], metric: str = "val/miou", out: Path = Path("compare"), sweep: Optional[str] = None,
             top: int = 5, uri: Optional[str] = None) -> Comparison:
-    client = MlflowClient(tracking_uri=uri or tracking_uri())
+    client = store_client(uri)
     mlflow.set_tracking_uri(uri or tracking_uri())
     runs = _search(client, experiments)
     parent = _sweep_parent(runs, sweep) if sweep else None

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import yaml
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mkd_ray.config import ExperimentConfig
@@ -31,6 +32,22 @@ def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else a SQLite store in the working directory (absolute, so every
     process of a local cluster writes to the same file)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names it."""
+
+
+def store_client(uri: Optional[str] = None) -> MlflowClient:
+    """A client of the store at `uri` (the tracking URI by default), opened now: a store this
+    MLflow cannot use (an SQLite file of another schema version, say) is a TrackingError that
+    names it, before any run starts, instead of MLflow's traceback at the first write."""
+    uri = uri or tracking_uri()
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow store {uri} cannot be opened: {str(exc).splitlines()[0]} (a store written by "
+                            "a newer MLflow needs that version; or set MLFLOW_TRACKING_URI to another store)") from None
 
 
 def git_commit() -> str:
@@ -106,7 +123,7 @@ def open_run(cfg: ExperimentConfig, experiment: str, run_name: str, uri: Optiona
     with the flattened config as params and tags for commit, dataset, split and method (plus
     `tags`, e.g. `mlflow.parentRunId` for a sweep's trial)."""
     uri = uri or tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = store_client(uri)
     run_tags = {"dataset": cfg.data.dataset, "split": cfg.data.split, "method": cfg.method.name, **(tags or {})}
     run_id, created = reopen_or_create(client, experiment, run_name, run_tags)
     if not created:

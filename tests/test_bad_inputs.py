@@ -11,6 +11,8 @@ import hashlib
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,26 @@ def test_bad_input_is_refused_clearly_before_any_work(case, workspace, monkeypat
     assert not ray.is_initialized(), f"{name}: Ray was started"
     after = _snapshot(workspace)
     assert {k: v for k, v in before.items() if after.get(k) != v} == {}, f"{name}: changed or removed files"
+
+
+@pytest.mark.parametrize("command", [["train"], ["tune", "--space", SPACE]], ids=["train", "tune"])
+def test_an_mlflow_store_of_another_schema_is_refused_naming_it_before_any_work(command, workspace, monkeypatch, capsys):
+    """A store that this MLflow cannot use (here: an SQLite store whose schema version no
+    MLflow release has) is named with the way out, before Ray starts, and left as it was."""
+    store = workspace / "other-schema.db"
+    if not store.exists():  # a real store, made in another process (MLflow caches the stores it opened)
+        make = ("import sqlite3, sys; from mlflow.tracking import MlflowClient; "
+                "MlflowClient(tracking_uri='sqlite:///' + sys.argv[1]).search_experiments(); "
+                "db = sqlite3.connect(sys.argv[1]); db.execute(\"UPDATE alembic_version SET version_num = 'f0f0f0f0f0f0'\"); "
+                "db.commit()")
+        subprocess.run([sys.executable, "-c", make, str(store)], check=True, timeout=120)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    before = _snapshot(workspace)
+    code = main([*command, *[a for o in TINY for a in ("--set", o)], "--set", "data.root=data/ok"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: MLflow store sqlite:///{store} cannot be opened") and "f0f0f0f0f0f0" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not ray.is_initialized()
+    assert _snapshot(workspace) == before

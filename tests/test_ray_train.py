@@ -70,9 +70,38 @@ def test_bad_dataset_fails_before_ray_work(tiny_overrides, tmp_path, mlflow_uri)
         fit(cfg, name="bad", storage_path=tmp_path)
 
 
-def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_cluster, tiny_overrides, tmp_path, mlflow_uri):
-    cfg = _cfg(tiny_overrides, "scaling.num_workers=2")
-    result, run_id = fit(cfg, name="ddp", storage_path=tmp_path, experiment="ddp-test")
+@pytest.fixture(scope="module")
+def two_worker_runs(ray_cluster, synthetic_root, tmp_path_factory):
+    """Two workers at 1 and at 2 torch threads each (branches in turn, then side by side),
+    each run in an MLflow experiment of its own in one store: {threads: (cfg, result, run id)}
+    and the store's URI. Both tests of two-worker training read these runs."""
+    home = tmp_path_factory.mktemp("two-workers")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        for threads in (1, 2):
+            cfg = _cfg(TINY + [f"data.root={synthetic_root}"], "scaling.num_workers=2", f"train.threads={threads}")
+            result, run_id = fit(cfg, name=f"threads{threads}", storage_path=home, experiment=_experiment(threads))
+            runs[threads] = (cfg, result, run_id)
+    return uri, runs
+
+
+def _experiment(threads: int) -> str:
+    return f"two-workers-{threads}-threads"
+
+
+@pytest.fixture
+def two_workers(two_worker_runs, monkeypatch):
+    uri, runs = two_worker_runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri, runs
+
+
+def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(two_workers, tmp_path):
+    uri, runs = two_workers
+    cfg, result, run_id = runs[1]
     metrics = result.metrics
     assert metrics["step"] == 6
     assert metrics["ddp/max_param_diff"] == 0.0  # DDP averaged the gradients on both ranks
@@ -93,28 +122,26 @@ def test_two_worker_ddp_keeps_students_identical_and_reduces_validation(ray_clus
         torch.set_num_threads(threads)
     assert metrics["val/miou"] == pytest.approx(halves[0].merge(halves[1]).miou(), abs=1e-9)
     assert metrics["val/miou"] == pytest.approx(whole.miou(), abs=0.1)
-    _check_mlflow_run(run_id, metrics)
+    _check_mlflow_run(run_id, metrics, _experiment(1))
     # `eval` by MLflow run id downloads the logged model and scores it the same way, as a
     # task on this cluster, writing one prediction PNG per validation image on the driver.
     summary, predictions = tmp_path / "eval.json", tmp_path / "pred"
     proc = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", run_id, "--summary", str(summary),
                            "--address", ray.get_runtime_context().gcs_address, "--save-predictions", str(predictions)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_AUTH_MODE": "token"})
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "token"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(summary.read_text())["val/miou"] == pytest.approx(whole.miou(), abs=1e-6)
     assert sorted(p.stem for p in predictions.glob("*.png")) == sorted(r.name for r in val)
 
 
-def test_two_workers_with_branches_side_by_side_train_exactly_as_in_turn(ray_cluster, tiny_overrides, tmp_path,
-                                                                          mlflow_uri):
+def test_two_workers_with_branches_side_by_side_train_exactly_as_in_turn(two_workers):
     # At 2 torch threads a worker runs its two branches side by side, one thread each, and each
     # student all-reduces in a process group of its own. At 1 thread the same ops run in turn
     # on the default group: the weights must come out bitwise the same, and equal across ranks.
+    _, runs = two_workers
     weights = {}
-    for threads in (1, 2):
-        cfg = _cfg(tiny_overrides, "scaling.num_workers=2", f"train.threads={threads}")
-        result, run_id = fit(cfg, name=f"threads{threads}", storage_path=tmp_path, experiment="branches")
+    for threads, (_, result, run_id) in runs.items():
         assert result.metrics["ddp/max_param_diff"] == 0.0
         ranks = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/topology.json"))
         assert [(r["torch_threads"], r["branches_side_by_side"]) for r in ranks] == [(1, threads == 2)] * 2
@@ -122,9 +149,9 @@ def test_two_workers_with_branches_side_by_side_train_exactly_as_in_turn(ray_clu
     assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
 
 
-def _check_mlflow_run(run_id, metrics):
+def _check_mlflow_run(run_id, metrics, experiment: str):
     client = MlflowClient()
-    runs = mlflow.search_runs(experiment_names=["ddp-test"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert [r.info.run_id for r in runs] == [run_id]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

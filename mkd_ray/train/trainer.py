@@ -156,6 +156,7 @@ def fit(
     data = checked_data(cfg)  # every listed file exists and reads: fail here, before Ray starts
     cfg = with_source_backbone(cfg)  # after the checks: pre-training takes minutes
     _check_resumable(cfg, storage.join(storage.resolve(storage_path), name))
+    tracking.store_client()  # an MLflow store this MLflow cannot use fails here, before Ray starts
     connect(address)
     resources = plan_run(cfg, ray.cluster_resources())  # a run that cannot fit fails here, before anything starts
     logger = tracking.open_run(cfg, experiment or cfg.name, name)

@@ -243,7 +243,7 @@ def _search(sweep: Sweep, concurrency: int):
 
 
 def _open_parent(sweep: Sweep, experiment: str, name: str, uri: str) -> str:
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking.store_client(uri)
     run_id, created = tracking.reopen_or_create(client, experiment, name, {
         ROLE_TAG: "sweep", SWEEP_TAG: name, SEARCHED_TAG: ",".join(sweep.space),
         "scheduler": sweep.tune.scheduler, "search": sweep.tune.search,
@@ -309,8 +309,8 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
         raise ConfigError("--name", f"sweep {name!r} already exists at {sweep_dir}; pass --resume to continue it")
     uri = tracking.tracking_uri()
     experiment = experiment or sweep.base.name
-    parent_id = _open_parent(sweep, experiment, name, uri)
-    client = MlflowClient(tracking_uri=uri)
+    parent_id = _open_parent(sweep, experiment, name, uri)  # an unusable MLflow store fails here, before Ray starts
+    client = tracking.store_client(uri)
     _keep_credentials_out_of_trial_runtime_envs()
     try:
         connect(address)
