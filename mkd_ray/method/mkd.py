@@ -158,9 +158,12 @@ class MutualKD(nn.Module):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._student_calls: list[nn.Module] = list(self.students)
         self.branches = BranchRunner()  # one after the other until `branches.parallel(...)`
-        self.uses_unlabeled = cfg.uses_unlabeled
 
     # ------------------------------------------------------------------ plumbing
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        return self.cfg.uses_unlabeled
 
     def wrap_students(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Run the students' forward through wrappers (e.g. DistributedDataParallel)."""

@@ -70,9 +70,10 @@ def _started(batches):
     return resumed()
 
 
-def _load_checkpoint(checkpoint: ray.train.Checkpoint) -> dict:
+def load_checkpoint(checkpoint: ray.train.Checkpoint, mmap: bool = False) -> dict:
+    """A Ray Train checkpoint's state (local or in storage); `mmap`: for a cheap look."""
     with checkpoint.as_directory() as directory:
-        return ckpt.load_state(directory)
+        return ckpt.load_state(directory, mmap=mmap)
 
 
 def _consistency_metrics(method, seen_draws: set, world: int) -> dict[str, float]:
@@ -145,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
-    state = _load_checkpoint(checkpoint) if checkpoint is not None else None
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
     start_step = int(state["step"]) if state is not None else 0
     seen_draws: set = set()
     first_draw = cfg.method.unlabeled_from(start_step) * draws_per_step(cfg)

@@ -22,7 +22,7 @@ from mkd_ray.console import TrainingDiverged
 from mkd_ray.engine import default_run_name, evaluate_checkpoint
 from mkd_ray.models.pretrain import with_source_backbone
 from mkd_ray.train.callbacks import DivergenceWatch, RunPlacement, latest_step, unlabeled_from_latest_checkpoint
-from mkd_ray.train.loop import train_loop_per_worker
+from mkd_ray.train.loop import load_checkpoint, train_loop_per_worker
 
 # A sweep on a small machine starts a dozen processes at once by design (fractional CPUs: a
 # trial's driver, controller, worker, data actor and helpers); the raylet otherwise expects
@@ -117,8 +117,7 @@ def _split_between_workers(cfg: ExperimentConfig, datasets: dict) -> list[str]:
 
 
 def checkpoint_step(checkpoint: ray.train.Checkpoint) -> int:
-    with checkpoint.as_directory() as directory:
-        return int(ckpt.load_state(directory, mmap=True)["step"])
+    return int(load_checkpoint(checkpoint, mmap=True)["step"])
 
 
 def _ordered_ingest():
@@ -133,8 +132,7 @@ def _check_resumable(cfg: ExperimentConfig, run_dir: str) -> None:
     step = latest_step(run_dir)
     if step:
         at = storage.join(run_dir, f"step_{step:08d}")
-        with ray.train.Checkpoint(at).as_directory() as directory:
-            saved = ckpt.checkpoint_config(ckpt.load_state(directory, mmap=True))
+        saved = ckpt.checkpoint_config(load_checkpoint(ray.train.Checkpoint(at), mmap=True))
         ckpt.check_compatible(saved, cfg, f"run {run_dir.rsplit('/', 1)[-1]} ({at})")
 
 

@@ -242,8 +242,7 @@ def _search(sweep: Sweep, concurrency: int):
     return tune.search.BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency, points_to_evaluate=first)
 
 
-def _open_parent(sweep: Sweep, experiment: str, name: str, uri: str) -> str:
-    client = tracking.store_client(uri)
+def _open_parent(client: MlflowClient, sweep: Sweep, experiment: str, name: str) -> str:
     run_id, created = tracking.reopen_or_create(client, experiment, name, {
         ROLE_TAG: "sweep", SWEEP_TAG: name, SEARCHED_TAG: ",".join(sweep.space),
         "scheduler": sweep.tune.scheduler, "search": sweep.tune.search,
@@ -309,8 +308,8 @@ def run_sweep(sweep: Sweep, name: str, storage: str = "runs", experiment: Option
         raise ConfigError("--name", f"sweep {name!r} already exists at {sweep_dir}; pass --resume to continue it")
     uri = tracking.tracking_uri()
     experiment = experiment or sweep.base.name
-    parent_id = _open_parent(sweep, experiment, name, uri)  # an unusable MLflow store fails here, before Ray starts
-    client = tracking.store_client(uri)
+    client = tracking.store_client(uri)  # an unusable MLflow store fails here, before Ray starts
+    parent_id = _open_parent(client, sweep, experiment, name)
     _keep_credentials_out_of_trial_runtime_envs()
     try:
         connect(address)
