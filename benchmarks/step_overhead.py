@@ -6,9 +6,9 @@ step function in this process, on the same in-memory batches with the same threa
 What it isolates is Ray Train's share of a step (the worker process, its session and a
 `ray.train.report` every `train.log_interval` steps, as the real loop does); data loading is
 out of the picture because both sides cycle the same pre-built batches. The default thread
-count is the default pipeline's (a 1-CPU worker runs 1 torch thread); with as many threads
-as cores the ratio is lower, most likely because Ray's own processes preempt one compute
-thread and the other then waits for it (see the README).
+count, 1, is what a 1-CPU worker runs unless told otherwise; with as many threads as cores
+(`--threads 2`, as the default pipeline asks for) the ratio is lower, most likely because
+Ray's own processes take their CPU from the step (see the README).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def on_ray_train(cfg, batches: list, steps: int, threads: int) -> float:
 def main() -> None:
     parser = harness_parser(__doc__)
     parser.add_argument("--steps", type=int, default=60)
-    # The default pipeline's worker has 1 CPU, so Ray sets OMP_NUM_THREADS=1 and torch runs 1 thread.
+    # A 1-CPU worker: Ray sets OMP_NUM_THREADS=1, and torch runs 1 thread unless train.threads says more.
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     from mkd_ray.config import load_config

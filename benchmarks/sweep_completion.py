@@ -27,7 +27,8 @@ from mkd_ray.localcluster import cpus_held_by_another_driver, local_cluster
 TINY = ["model.width=0.25", "model.aspp_channels=32", "model.decoder_channels=32", "model.low_level_channels=16",
         "data.synth.num_train=128", "data.synth.num_val=32", "data.synth.splits=['1_8']", "data.split=1_8",
         "train.iters=8", "train.eval_interval=4", "train.checkpoint_interval=4", "train.log_interval=4",
-        "method.rampup_iters=4", FULL_STEP, "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4"]
+        "method.rampup_iters=4", FULL_STEP, "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4",
+        "train.threads=1"]
 
 
 def one_sweep(repo: Path, cluster, tmp: Path, timeout: float) -> dict:

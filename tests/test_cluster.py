@@ -19,7 +19,7 @@ from mkd_ray.tune.space import load_sweep
 from tests.conftest import REPO
 
 TRAIN = ["train.iters=6", "train.eval_interval=6", "train.checkpoint_interval=6", "train.log_interval=3",
-         "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4"]
+         "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4", "train.threads=1"]
 
 
 def _sets(overrides) -> list[str]:

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.ray
 
 TINY_RUN = ["train.iters=8", "train.eval_interval=4", "train.checkpoint_interval=4", "train.log_interval=4",
-            "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4"]
+            "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.4", "train.threads=1"]
 
 
 @pytest.fixture(scope="module")

@@ -258,7 +258,7 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
 # ----------------------------------------------------------------------------- real sweeps
 
 TINY_TRIAL = {"train.iters": 12, "train.eval_interval": 4, "train.checkpoint_interval": 4, "train.log_interval": 4,
-              "scaling.cpus_per_worker": 0.5, "scaling.data_cpus": 0.4}
+              "scaling.cpus_per_worker": 0.5, "scaling.data_cpus": 0.4, "train.threads": 1}
 
 
 def _sweep_command(space: Path, tiny_overrides, storage: Path, name: str, *extra) -> list[str]:
