@@ -41,8 +41,9 @@ class Comparison:
 
 def compare(experiments: list[str], metric: str = "val/miou", out: Path = Path("compare"), sweep: Optional[str] = None,
             top: int = 5, uri: Optional[str] = None) -> Comparison:
+    uri = uri or tracking_uri()
     client = store_client(uri)
-    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_tracking_uri(uri)
     runs = _search(client, experiments)
     parent = _sweep_parent(runs, sweep) if sweep else None
     if parent is not None:
